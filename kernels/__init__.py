@@ -1,0 +1,28 @@
+"""Triton kernels of vllm-xattn: scoring, selection and page lists over vLLM's paged KV cache.
+
+Per scheduler step: ``plan = plan_prefill(...).to(device)`` (host metadata, one copy). Per layer:
+``A = antidiagonal_scores_paged(q, kv_cache, block_table, plan)`` ->
+``counts, ids, n_sel = select_blocks_packed(A, plan, ...)`` ->
+``lists = build_page_lists(counts, ids, block_table, kv_cache, plan)`` -> executor over
+``folded_kv_views(kv_cache)``. No host synchronisation after the plan.
+"""
+
+from .page_lists import PageLists, build_page_lists
+from .paged import folded_kv_views, make_paged_cache, split_kv
+from .plan import XAttnPlan, plan_prefill
+from .scoring import antidiagonal_scores_paged, unpack_scores
+from .selection import masks_from_selection, select_blocks_packed
+
+__all__ = [
+    "PageLists",
+    "XAttnPlan",
+    "antidiagonal_scores_paged",
+    "build_page_lists",
+    "folded_kv_views",
+    "make_paged_cache",
+    "masks_from_selection",
+    "plan_prefill",
+    "select_blocks_packed",
+    "split_kv",
+    "unpack_scores",
+]

@@ -1,0 +1,117 @@
+"""Selection -> inputs of a varlen paged executor (FA3 ``flash_attn_varlen_func`` with
+``block_table``/``seqused_k``), on the device, no host sync (DESIGN.md section 3).
+
+Mini-request m = (selection head hs, packed row) with m = hs * TQB + row: hs is the query
+head (granularity "head") or the kv head (granularity "kv_group"). Its page list is, for each
+selected key block in order (diagonal last), the pages covering [j*B, (j+1)*B), each page id
+folded with the kv head (``page * Spp + h_kv``, see ``paged.folded_kv_views``). Its key length
+is ``(count-1)*B + (last query position of the block + 1 - i*B)``, so the diagonal block ends at
+the block's last query token and FA3's bottom-right causal alignment is exact, also with
+context before the chunk and partial blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .plan import XAttnPlan
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class PageLists:
+    page_table: Tensor  # int32 [M, max_kb * B // page_size] folded page ids; entries past seqused_k undefined
+    seqused_k: Tensor  # int32 [M]
+    cu_seqlens_q: Tensor  # int32 [M + 1], query laid out (Hs * T, G, D) head-major (plan.query_index)
+    max_seqlen_q: int
+    max_seqlen_k: int
+
+
+@triton.jit
+def _page_list_kernel(
+    cnt_ptr, ids_ptr, bt_ptr, row_req_ptr, row_last_len_ptr, req_ptr, pt_ptr, sk_ptr,
+    tqb, spp, head_div,
+    s_ch, s_ih, s_ir, s_bt, s_pt,
+    B: tl.constexpr, PAGE: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    PPB: tl.constexpr = B // PAGE  # pages per block
+    row = tl.program_id(0)
+    hs = tl.program_id(1)
+    c = tl.load(cnt_ptr + hs * s_ch + row)
+    r = tl.load(row_req_ptr + row)
+    n = tl.load(req_ptr + 5 * r + 2)
+    h_kv = hs // head_div
+    m = hs.to(tl.int64) * tqb + row
+    tl.store(sk_ptr + m, (c - 1) * B + tl.load(row_last_len_ptr + row))
+    n_pages = (n + PAGE - 1) // PAGE
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_p = tl.arange(0, PPB)
+    ids_row = ids_ptr + hs.to(tl.int64) * s_ih + row.to(tl.int64) * s_ir
+    bt_row = bt_ptr + r.to(tl.int64) * s_bt
+    pt_row = pt_ptr + m * s_pt
+    for s0 in range(0, c, BLOCK_S):
+        slot = s0 + offs_s
+        smask = slot < c
+        jb = tl.load(ids_row + slot, mask=smask, other=0)
+        pg = jb[:, None] * PPB + offs_p[None, :]
+        # Pages past the request's end (tail of the diagonal block) are never read: write 0-page ids.
+        phys = tl.load(bt_row + pg, mask=smask[:, None] & (pg < n_pages), other=0)
+        tl.store(pt_row + slot[:, None] * PPB + offs_p[None, :], phys * spp + h_kv, mask=smask[:, None])
+
+
+def build_page_lists(
+    counts: Tensor,
+    ids: Tensor,
+    block_table: Tensor,
+    kv_cache: Tensor,
+    plan: XAttnPlan,
+    *,
+    granularity: str = "head",
+    num_kv_heads: int | None = None,
+) -> PageLists:
+    """counts [Hq, TQB] / ids [Hq, TQB, max_kb] from ``select_blocks_packed`` (for
+    "kv_group" the group's repeated rows are read once), block_table int32 [R, max_pages] of
+    the plan's requests, kv_cache the logical ``(num_pages, Hkv, page_size, 2D)`` view.
+
+    The page table is sized for the densest case (every causal block): max_kb * B/page_size
+    columns per mini-request.
+    """
+    hq, tqb, max_kb = ids.shape
+    _, hkv, page, _ = kv_cache.shape
+    B = plan.block_size
+    if B % page:
+        raise ValueError(f"page_size {page} must divide block_size {B}")
+    s_b, s_h = kv_cache.stride(0), kv_cache.stride(1)
+    if s_b % s_h:
+        raise ValueError("kv_cache page stride must be a multiple of its head stride")
+    if granularity == "kv_group":
+        hkv = num_kv_heads or hkv
+        g = hq // hkv
+        counts, ids = counts[::g], ids[::g]  # views: the group's selection, once per kv head
+        hs, head_div = hkv, 1
+    elif granularity == "head":
+        hs, head_div = hq, hq // hkv
+    else:
+        raise ValueError(f"granularity must be 'head' or 'kv_group', got {granularity!r}")
+    dev = ids.device
+    m = hs * tqb
+    ppb = B // page
+    page_table = torch.empty(m, max_kb * ppb, dtype=torch.int32, device=dev)
+    seqused_k = torch.empty(m, dtype=torch.int32, device=dev)
+    _page_list_kernel[(tqb, hs)](
+        counts, ids, block_table, plan.row_request, plan.row_last_len, plan.req_meta, page_table, seqused_k,
+        tqb, s_b // s_h, head_div,
+        counts.stride(0), ids.stride(0), ids.stride(1), block_table.stride(0), page_table.stride(0),
+        B=B, PAGE=page, BLOCK_S=64, num_warps=1,
+    )
+    # Mini-request query rows: head-major copies of the plan's block rows (device math, no sync).
+    rs = plan.row_q_start
+    t = plan.num_q_tokens
+    cu = (torch.arange(hs, device=dev, dtype=torch.int32)[:, None] * t + rs[None, :-1]).reshape(-1)
+    cu = torch.cat([cu, torch.full((1,), hs * t, dtype=torch.int32, device=dev)])
+    return PageLists(page_table, seqused_k, cu, max_seqlen_q=B, max_seqlen_k=max_kb * B)

@@ -1,0 +1,134 @@
+"""Host-side plan: everything the kernels need that depends only on batch metadata.
+
+Built once per scheduler step from CPU ints (query_start_loc_cpu, seq_lens_cpu), copied to the
+device once with ``plan.to(device)``; the kernel wrappers then launch without host syncs.
+
+Conventions (same as vllm_xattn.reference): request r owns query rows
+``cu_seqlens_q[r]:cu_seqlens_q[r+1]`` (Tq rows) and N keys; ctx = N - Tq; blocks of B at
+absolute positions; query blocks qb0 = ctx // B .. last = (N-1) // B. Rows of the packed
+score / selection tensors are (request, query block) pairs, request r's starting at
+``q_block_offset[r]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _ints(x) -> list[int]:
+    return [int(v) for v in (x.tolist() if isinstance(x, Tensor) else x)]
+
+
+@dataclass(frozen=True)
+class XAttnPlan:
+    block_size: int
+    stride: int
+    block_m: int  # scoring: super-rows per work tile
+    block_n: int  # scoring: super-columns per key tile
+    num_requests: int
+    num_q_tokens: int  # T = rows of q covered by the plan
+    total_q_blocks: int  # packed rows
+    max_kb: int  # columns of the packed score tensor (max key blocks of a request)
+    max_key_tiles: int  # longest causal key loop of any scoring tile
+    num_tiles: int  # scoring tiles (work items per query head)
+    q_block_offset: tuple[int, ...]
+    # int32 tensors (CPU until .to(device))
+    req_meta: Tensor  # [R, 5]: q_start, ctx, N, qb0, q_block_offset
+    tiles: Tensor  # [num_tiles, 2]: request, first super-row (absolute); longest first
+    row_block: Tensor  # [TQB] absolute query block i of each packed row
+    row_request: Tensor  # [TQB]
+    row_q_start: Tensor  # [TQB + 1] first query row (relative to q) of each packed row's block; last = T
+    row_last_len: Tensor  # [TQB] keys of the diagonal block up to the block's last query: min(B, N - i*B)
+
+    def to(self, device) -> "XAttnPlan":
+        return replace(
+            self,
+            **{f.name: getattr(self, f.name).to(device, non_blocking=True)
+               for f in fields(self) if isinstance(getattr(self, f.name), Tensor)},
+        )
+
+    def mini_cu_seqlens_q(self, num_heads: int) -> Tensor:
+        """cu_seqlens_q [num_heads * TQB + 1] of mini-requests ordered (head, packed row), for a
+        query laid out head-major ``(num_heads * T, G, D)`` (see ``query_index``)."""
+        rs = self.row_q_start.cpu().to(torch.int64)
+        t = self.num_q_tokens
+        cu = (torch.arange(num_heads)[:, None] * t + rs[None, :-1]).reshape(-1)
+        return torch.cat([cu, torch.tensor([num_heads * t])]).to(torch.int32)
+
+    def query_index(self, num_q_heads: int, group: int = 1) -> Tensor:
+        """int64 [num_q_heads * T] indices into ``q.reshape(-1, D)`` (q is [T, Hq, D]) that
+        lay q out as ``(Hq/group * T, group, D)``, head-major: mini-request rows contiguous.
+        Equivalent to ``q.view(T, Hq/group, group, D).transpose(0, 1)`` (the inverse
+        permutation puts the output back)."""
+        t = self.num_q_tokens
+        hk = num_q_heads // group
+        tok = torch.arange(t)[None, :, None]
+        head = (torch.arange(hk)[:, None, None] * group + torch.arange(group)[None, None, :])
+        return (tok * num_q_heads + head).reshape(-1)
+
+
+def plan_prefill(
+    cu_seqlens_q,
+    seq_lens,
+    *,
+    block_size: int,
+    stride: int,
+    block_m: int | None = None,
+    block_n: int | None = None,
+) -> XAttnPlan:
+    """Plan a varlen prefill batch. ``cu_seqlens_q`` [R+1] and ``seq_lens`` [R] (total keys N
+    per request) are CPU ints. ``block_m``/``block_n`` (scoring tile sizes in super-tokens)
+    must be multiples of B/S (so tiles own whole blocks), powers of two and >= 16."""
+    B, S = block_size, stride
+    if B % S:
+        raise ValueError(f"stride {S} must divide block_size {B}")
+    bps = B // S
+    block_m = block_m or max(64, bps)
+    block_n = block_n or max(64, bps)
+    for name, v in (("block_m", block_m), ("block_n", block_n)):
+        if v % bps or v < 16 or v & (v - 1):
+            raise ValueError(f"{name}={v} must be a power of two >= 16 and a multiple of B/S={bps}")
+    cq, ns = _ints(cu_seqlens_q), _ints(seq_lens)
+    R = len(ns)
+    if len(cq) != R + 1:
+        raise ValueError("cu_seqlens_q must have len(seq_lens) + 1 entries")
+    req, tiles, costs = [], [], []
+    row_block, row_request, row_q_start, row_last_len = [], [], [], []
+    off, max_kb = 0, 1
+    for r in range(R):
+        tq, n = cq[r + 1] - cq[r], ns[r]
+        if not 1 <= tq <= n:
+            raise ValueError(f"request {r}: need 1 <= query length ({tq}) <= seq_len ({n})")
+        ctx = n - tq
+        qb0, last = ctx // B, (n - 1) // B
+        n_qb = last - qb0 + 1
+        max_kb = max(max_kb, last + 1)
+        req.append([cq[r] - cq[0], ctx, n, qb0, off])
+        for i in range(qb0, last + 1):
+            row_block.append(i)
+            row_request.append(r)
+            row_q_start.append(cq[r] - cq[0] + max(i * B, ctx) - ctx)
+            row_last_len.append(min(B, n - i * B))
+        a_last = (n - 1) // S
+        for a0 in range(qb0 * bps, (last + 1) * bps, block_m):
+            tiles.append([r, a0])
+            costs.append(min(a0 + block_m - 1, a_last) // block_n + 1)  # causal key tiles
+        off += n_qb
+    order = sorted(range(len(tiles)), key=lambda t: -costs[t])  # longest first: balance
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32)
+    return XAttnPlan(
+        block_size=B, stride=S, block_m=block_m, block_n=block_n,
+        num_requests=R, num_q_tokens=cq[-1] - cq[0], total_q_blocks=off, max_kb=max_kb,
+        max_key_tiles=max(costs), num_tiles=len(tiles), q_block_offset=tuple(x[4] for x in req),
+        req_meta=i32(req).reshape(R, 5), tiles=i32([tiles[t] for t in order]).reshape(-1, 2),
+        row_block=i32(row_block), row_request=i32(row_request),
+        row_q_start=i32(row_q_start + [cq[-1] - cq[0]]), row_last_len=i32(row_last_len),
+    )

@@ -1,0 +1,200 @@
+"""Antidiagonal block scoring (XAttention step 1) straight from vLLM's paged KV cache.
+
+Scoring is causal attention on super-tokens with head dim S*D (DESIGN.md section 7):
+``Q~[a] = concat_t Q[a*S + S-1-t]``, ``K~[b] = concat_t K[b*S + t]``. A persistent program
+takes work items (request, query head, BLOCK_M super-rows = whole query blocks), sweeps key
+tiles of BLOCK_N super-columns (whole key blocks) up to the causal limit, and keeps an online
+softmax per super-row. Single pass: per key tile it stores the per-(super-row, key block)
+probability sums taken at the running max of that moment, plus that max, into a small
+per-program scratch; after the sweep it rescales them by exp2(m_then - m_final) / l_final and
+sums the rows of each query block into A. Scores are never recomputed nor written to HBM.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .plan import XAttnPlan
+
+Tensor = torch.Tensor
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _score_kernel(
+    q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_ptr,
+    n_work, num_q_heads, group,
+    s_qt, s_qh, s_qd,
+    s_kp, s_kh, s_kn, s_kd,
+    s_bt,
+    s_ah, s_ar,
+    max_kt, qk_scale,
+    S: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, B: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+):
+    BPS: tl.constexpr = B // S  # super-tokens per block
+    NB_T: tl.constexpr = BLOCK_N // BPS  # key blocks per key tile
+    QB_T: tl.constexpr = BLOCK_M // BPS  # query blocks per work tile
+    ND: tl.constexpr = D // BLOCK_D
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_nb = tl.arange(0, NB_T)
+    # This program's private scratch: [max_kt, BLOCK_M, NB_T] partial sums, [max_kt, BLOCK_M] maxima.
+    scr_p = scr_p_ptr + pid.to(tl.int64) * max_kt * (BLOCK_M * NB_T)
+    scr_m = scr_m_ptr + pid.to(tl.int64) * max_kt * BLOCK_M
+    p_offs = offs_m[:, None] * NB_T + offs_nb[None, :]
+
+    for w in range(pid, n_work, nprog):
+        tile = w // num_q_heads  # heads innermost: neighbours share K in L2
+        h = w % num_q_heads
+        r = tl.load(tiles_ptr + 2 * tile)
+        a0 = tl.load(tiles_ptr + 2 * tile + 1)
+        q_start = tl.load(req_ptr + 5 * r)
+        ctx = tl.load(req_ptr + 5 * r + 1)
+        n = tl.load(req_ptr + 5 * r + 2)
+        qb0 = tl.load(req_ptr + 5 * r + 3)
+        qb_off = tl.load(req_ptr + 5 * r + 4)
+        hk = h // group
+        rows = a0 + offs_m  # absolute super-rows
+        a_last = (n - 1) // S
+        n_kt = tl.minimum(a0 + BLOCK_M - 1, a_last) // BLOCK_N + 1
+        q_base = q_ptr + h.to(tl.int64) * s_qh
+        k_base = kv_ptr + hk.to(tl.int64) * s_kh
+        bt_row = bt_ptr + r.to(tl.int64) * s_bt
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        for kt in range(0, n_kt):
+            cols = kt * BLOCK_N + offs_n
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            # One flat loop over (t, D chunk): acc += Q_t @ K_t^T.
+            for it in range(0, S * ND):
+                t = it // ND
+                d = (it % ND) * BLOCK_D + offs_d
+                qpos = rows * S + (S - 1 - t)
+                qmask = (qpos >= ctx) & (qpos < n)  # context rows and the tail are zeros
+                q = tl.load(q_base + (q_start + qpos - ctx).to(tl.int64)[:, None] * s_qt + d[None, :] * s_qd,
+                            mask=qmask[:, None], other=0.0)
+                kpos = cols * S + t
+                kmask = kpos < n
+                page = tl.load(bt_row + kpos // PAGE, mask=kmask, other=0).to(tl.int64)
+                k = tl.load(k_base + (page * s_kp + (kpos % PAGE) * s_kn)[None, :] + d[:, None] * s_kd,
+                            mask=kmask[None, :], other=0.0)  # [BLOCK_D, BLOCK_N]: K^T
+                acc = tl.dot(q, k, acc, input_precision=PREC)
+            s = tl.where(cols[None, :] <= rows[:, None], acc * qk_scale, float("-inf"))
+            # Tile 0 holds super-column 0, visible to every row: m_i is finite from then on.
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(p, 1)
+            m_i = m_new
+            psum = tl.sum(tl.reshape(p, (BLOCK_M, NB_T, BPS)), 2)  # per (row, key block), at m_new
+            tl.store(scr_p + kt * (BLOCK_M * NB_T) + p_offs, psum)
+            tl.store(scr_m + kt * BLOCK_M + offs_m, m_new)
+        tl.debug_barrier()  # scratch written by other threads of this program
+
+        # Rescale to the final (m, l) and pool rows into query blocks. Only present
+        # super-rows count: ctx//S <= a <= (N-1)//S.
+        row_ok = (rows >= ctx // S) & (rows <= a_last)
+        inv_l = tl.where(row_ok, 1.0 / l_i, 0.0)
+        blk0 = a0 // BPS
+        qblk = blk0 + tl.arange(0, QB_T)
+        out_rows = qb_off + qblk - qb0
+        a_rows = a_ptr + h.to(tl.int64) * s_ah + out_rows.to(tl.int64)[:, None] * s_ar
+        rmask = qblk <= (n - 1) // B
+        n_kb = (n - 1) // B + 1
+        for kt in range(0, n_kt):
+            psum = tl.load(scr_p + kt * (BLOCK_M * NB_T) + p_offs)
+            m_t = tl.load(scr_m + kt * BLOCK_M + offs_m)
+            wgt = tl.exp2(m_t - m_i) * inv_l
+            blk = tl.sum(tl.reshape(psum * wgt[:, None], (QB_T, BPS, NB_T)), 1)
+            jcols = kt * NB_T + offs_nb
+            tl.store(a_rows + jcols[None, :], blk, mask=rmask[:, None] & (jcols < n_kb)[None, :])
+        tl.debug_barrier()  # before the next work item overwrites the scratch
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _default_programs(device: torch.device, n_work: int) -> int:
+    if device.type != "cuda":
+        return max(1, min(n_work, 4))
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return max(1, min(n_work, 2 * _SM_COUNT[idx]))
+
+
+def antidiagonal_scores_paged(
+    q: Tensor,
+    kv_cache: Tensor,
+    block_table: Tensor,
+    plan: XAttnPlan,
+    *,
+    num_programs: int | None = None,
+    out: Tensor | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> Tensor:
+    """Block masses A, packed: float32 [Hq, plan.total_q_blocks, plan.max_kb].
+
+    q: [T, Hq, D] (any strides; rows as in the plan's cu_seqlens_q). kv_cache: vLLM's logical
+    ``(num_pages, Hkv, page_size, 2*D)`` view, any strides; page_size must divide B.
+    block_table: int32 [R, max_pages] of the plan's requests (device). plan: ``plan.to(q.device)``.
+    Row ``plan.q_block_offset[r] + (i - qb0)`` holds absolute query block i of request r;
+    columns j > i (and beyond the request's key blocks) are 0. No host synchronisation.
+    """
+    T, hq, d = q.shape
+    num_pages, hkv, page, two_d = kv_cache.shape
+    B, S = plan.block_size, plan.stride
+    if two_d != 2 * d or hq % hkv:
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)} vs kv_cache {tuple(kv_cache.shape)}")
+    if B % page:
+        raise ValueError(f"page_size {page} must divide block_size {B}")
+    block_d = min(d, 128)
+    if d % block_d or block_d < 16 or block_d & (block_d - 1):
+        raise ValueError(f"unsupported head_dim {d}")
+    n_work = plan.num_tiles * hq
+    nprog = num_programs or _default_programs(q.device, n_work)
+    if out is None:
+        out = torch.zeros(hq, plan.total_q_blocks, plan.max_kb, dtype=torch.float32, device=q.device)
+    else:
+        out.zero_()
+    nb_t = plan.block_n // (B // S)
+    scr_p = torch.empty(nprog * plan.max_key_tiles * plan.block_m * nb_t, dtype=torch.float32, device=q.device)
+    scr_m = torch.empty(nprog * plan.max_key_tiles * plan.block_m, dtype=torch.float32, device=q.device)
+    kw = {}
+    if num_warps is not None:
+        kw["num_warps"] = num_warps
+    if num_stages is not None:
+        kw["num_stages"] = num_stages
+    _score_kernel[(nprog,)](
+        q, kv_cache, block_table, out, scr_p, scr_m, plan.tiles, plan.req_meta,
+        n_work, hq, hq // hkv,
+        q.stride(0), q.stride(1), q.stride(2),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        block_table.stride(0),
+        out.stride(0), out.stride(1),
+        plan.max_key_tiles, _LOG2E / (math.sqrt(d) * S),
+        S=S, D=d, BLOCK_D=block_d, B=B, PAGE=page,
+        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
+        PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        **kw,
+    )
+    return out
+
+
+def unpack_scores(a_packed: Tensor, plan: XAttnPlan) -> list[Tensor]:
+    """Per-request views [Hq, n_qb, n_kb] of the packed scores (reference layout; tests)."""
+    meta = plan.req_meta.cpu().tolist()
+    res = []
+    for r, (_, ctx, n, qb0, off) in enumerate(meta):
+        n_qb, n_kb = (n - 1) // plan.block_size - qb0 + 1, (n - 1) // plan.block_size + 1
+        res.append(a_packed[:, off : off + n_qb, :n_kb])
+    return res

@@ -1,0 +1,164 @@
+"""Block selection (XAttention step 2) on the packed scores, on the device, no host sync.
+
+One program per (head, packed row). Rules match vllm_xattn.reference.select_blocks exactly:
+sink j=0 and diagonal j=i always kept; the optional blocks 1..i-1 ranked by descending mass,
+ties to the lower j. Ranking sorts int64 keys ``fp32_bits(A) << 32 | (2^31-1 - j)`` (bit
+patterns of non-negative floats order like the floats; the low word breaks ties), so one
+tl.sort gives a deterministic order. Because masses are >= 0 the kept set is a prefix of that
+order: threshold keeps rank k iff the mass accumulated before it is < tau * total, a monotone
+test, so its length is a count over a cumsum. The prefix is turned back into a set by
+comparing every key with the smallest kept key.
+
+Outputs: counts int32 [H, TQB]; ids int32 [H, TQB, max_kb], ascending key blocks with the
+diagonal LAST (entries past count undefined); the total selected (device int64 scalar).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .plan import XAttnPlan
+
+Tensor = torch.Tensor
+_MODES = {"threshold": 0, "topk": 1, "ratio": 1}
+
+
+@triton.jit
+def _select_kernel(
+    a_ptr, row_block_ptr, tau_ptr, k_ptr, cnt_ptr, ids_ptr,
+    s_ah, s_ar, s_ch, s_ih, s_ir,
+    TOPK: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    row = tl.program_id(0)
+    h = tl.program_id(1)
+    i = tl.load(row_block_ptr + row)
+    j = tl.arange(0, BLOCK_K)
+    cand = j <= i
+    a = tl.load(a_ptr + h.to(tl.int64) * s_ah + row.to(tl.int64) * s_ar + j, mask=cand, other=0.0)
+    a = tl.maximum(a, 0.0)  # masses are >= 0; also maps -0.0 to +0.0 for the bit trick
+    forced = (j == 0) | (j == i)
+    other = cand & (j != 0) & (j != i)
+    n_forced = tl.where(i == 0, 1, 2)
+    n_other = tl.maximum(i - 1, 0)
+
+    bits = a.to(tl.int32, bitcast=True).to(tl.int64)
+    low = (2147483647 - j).to(tl.int64)
+    # Forced blocks rank first (sink, then diagonal), then the optional ones, then the rest.
+    key = tl.where(other, (bits << 32) | low, -1)
+    key = tl.where(j == 0, (tl.full([BLOCK_K], 0x7FFFFFFF, tl.int64) << 32) | 1, key)
+    key = tl.where((j == i) & (i > 0), tl.full([BLOCK_K], 0x7FFFFFFF, tl.int64) << 32, key)
+    sk = tl.sort(key, descending=True)
+    rank = tl.arange(0, BLOCK_K)
+    lo_rank = n_forced  # sorted positions [n_forced, n_forced + n_other) hold the optional blocks
+
+    if TOPK:
+        kk = tl.load(k_ptr + row)
+        n_take = tl.minimum(tl.maximum(kk - n_forced, 0), n_other)
+    else:
+        tau = tl.load(tau_ptr + h)
+        total = tl.sum(a, 0)
+        mass0 = tl.sum(tl.where(forced, a, 0.0), 0)
+        # Scan values like the reference: [mass0, 0 (diagonal slot), optional blocks by rank].
+        sval = (sk >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        sval = tl.where((rank >= lo_rank) & (rank < lo_rank + n_other), sval, 0.0)
+        sval = tl.where(rank == 0, mass0, sval)
+        incl = tl.cumsum(sval, 0)
+        target = tau * total
+        # Optional block at sorted position p is kept iff incl[p-1] < target.
+        before_ok = (rank >= lo_rank - 1) & (rank < lo_rank - 1 + n_other) & (incl < target)
+        n_take = tl.sum(before_ok.to(tl.int32), 0)
+        n_take = tl.where(tau >= 1.0, n_other, n_take)
+
+    kept_sorted = (rank >= lo_rank) & (rank < lo_rank + n_take)
+    kth = tl.min(tl.where(kept_sorted, sk, 0x7FFFFFFFFFFFFFFF), 0)
+    sel = forced | (other & (key >= kth))
+    nd = sel & (j != i)  # everything but the diagonal, ascending
+    pos = tl.cumsum(nd.to(tl.int32), 0) - 1
+    cnt = tl.sum(nd.to(tl.int32), 0) + 1
+    ids_row = ids_ptr + h.to(tl.int64) * s_ih + row.to(tl.int64) * s_ir
+    tl.store(ids_row + pos, j, mask=nd)
+    tl.store(ids_row + cnt - 1, i)
+    tl.store(cnt_ptr + h * s_ch + row, cnt)
+
+
+def select_blocks_packed(
+    a_packed: Tensor,
+    plan: XAttnPlan,
+    *,
+    mode: str = "threshold",
+    threshold: float | Tensor = 0.9,
+    topk: int | None = None,
+    ratio: float | None = None,
+    granularity: str = "head",
+    num_kv_heads: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Select key blocks per (head, packed row) of ``a_packed`` [Hq, TQB, max_kb].
+
+    threshold: float or float32 tensor [Hq] (e.g. a row of a [layers, heads] table).
+    granularity "kv_group": sum each group's scores, select per kv head with tau = max over
+    the group, return per-query-head outputs (the group's rows repeated).
+    Returns (counts int32 [Hq, TQB], ids int32 [Hq, TQB, max_kb], n_selected int64 scalar).
+    """
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {tuple(_MODES)}, got {mode!r}")
+    hq, tqb, max_kb = a_packed.shape
+    dev = a_packed.device
+    rb = plan.row_block
+    if mode == "threshold":
+        tau = (threshold.to(device=dev, dtype=torch.float32).reshape(hq) if isinstance(threshold, Tensor)
+               else torch.full((hq,), float(threshold), dtype=torch.float32, device=dev))
+        k_row = rb  # unused
+    else:
+        tau = torch.ones(hq, dtype=torch.float32, device=dev)  # unused
+        if mode == "topk":
+            if not isinstance(topk, int) or topk < 1:
+                raise ValueError(f"topk must be an int >= 1, got {topk!r}")
+            k_row = torch.full_like(rb, min(topk, 2**31 - 1))
+        else:
+            if ratio is None or not 0.0 < float(ratio) <= 1.0:
+                raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
+            k_row = torch.ceil(float(ratio) * (rb + 1).double()).to(torch.int32)  # float64 like the reference
+    g = 1
+    a = a_packed
+    if granularity == "kv_group":
+        if not num_kv_heads or hq % num_kv_heads:
+            raise ValueError(f"num_kv_heads must divide Hq={hq}, got {num_kv_heads!r}")
+        g = hq // num_kv_heads
+        if g > 1:
+            a = a_packed.view(num_kv_heads, g, tqb, max_kb).sum(1)
+            tau = tau.view(num_kv_heads, g).amax(1)
+    elif granularity != "head":
+        raise ValueError(f"granularity must be 'head' or 'kv_group', got {granularity!r}")
+    a = a.contiguous() if a.stride(2) != 1 else a
+    hs = a.shape[0]
+    counts = torch.empty(hs, tqb, dtype=torch.int32, device=dev)
+    ids = torch.empty(hs, tqb, max_kb, dtype=torch.int32, device=dev)
+    block_k = max(16, triton.next_power_of_2(max_kb))
+    _select_kernel[(tqb, hs)](
+        a, rb, tau, k_row, counts, ids,
+        a.stride(0), a.stride(1), counts.stride(0), ids.stride(0), ids.stride(1),
+        TOPK=_MODES[mode], BLOCK_K=block_k, num_warps=4 if block_k <= 512 else 8,
+    )
+    if g > 1:
+        counts = counts.repeat_interleave(g, 0)
+        ids = ids.repeat_interleave(g, 0)
+    return counts, ids, counts.sum()
+
+
+def masks_from_selection(counts: Tensor, ids: Tensor, plan: XAttnPlan) -> list[Tensor]:
+    """Per-request bool masks [Hq, n_qb, n_kb] (reference layout) from packed ids; for tests."""
+    counts, ids = counts.cpu(), ids.cpu().long()
+    hq, tqb, max_kb = ids.shape
+    valid = torch.arange(max_kb)[None, None, :] < counts[:, :, None]
+    full = torch.zeros(hq, tqb, max_kb + 1, dtype=torch.bool)
+    full.scatter_(2, torch.where(valid, ids, max_kb), True)
+    res = []
+    for _, ctx, n, qb0, off in plan.req_meta.cpu().tolist():
+        B = plan.block_size
+        n_qb, n_kb = (n - 1) // B - qb0 + 1, (n - 1) // B + 1
+        res.append(full[:, off : off + n_qb, :n_kb])
+    return res

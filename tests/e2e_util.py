@@ -1,0 +1,56 @@
+"""Helpers for the end-to-end GPU tests: a Llama-shaped model with dummy weights."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ENV = {
+    **os.environ,
+    "VLLM_USE_FLASHINFER_SAMPLER": "0",  # avoids a ~2 min JIT build per engine start
+    "VLLM_NO_USAGE_STATS": "1",
+    "HF_HUB_OFFLINE": "1",
+}
+
+
+def write_llama_config(path: Path, **overrides) -> Path:
+    """A small Llama (GQA 4, head_dim 128) whose weights vLLM fills with dummies."""
+    cfg = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": 1024, "intermediate_size": 2048, "num_hidden_layers": 4,
+        "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 128,
+        "vocab_size": 32000, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0, "torch_dtype": "bfloat16", "bos_token_id": 1,
+        "eos_token_id": 2, "tie_word_embeddings": False,
+    }
+    cfg.update(overrides)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+GENERATE = r"""
+import json, sys
+import vllm_xattn  # noqa: F401
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+spec = json.loads(sys.argv[1])
+llm = LLM(**spec["llm"])
+params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True)
+outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]], params)
+print("TOKENS=" + json.dumps([list(o.outputs[0].token_ids) for o in outs]))
+"""
+
+
+def generate_in_subprocess(llm_kwargs: dict, prompts: list[list[int]], max_tokens: int,
+                           timeout: int = 900) -> tuple[list[list[int]], str]:
+    """Greedy token ids from a fresh process (one engine per process), and its log."""
+    spec = json.dumps({"llm": llm_kwargs, "prompts": prompts, "max_tokens": max_tokens})
+    out = subprocess.run([sys.executable, "-c", GENERATE, spec], capture_output=True,
+                         text=True, timeout=timeout, env=ENV)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-6000:]
+    line = [l for l in out.stdout.splitlines() if l.startswith("TOKENS=")][-1]
+    return json.loads(line[len("TOKENS="):]), log

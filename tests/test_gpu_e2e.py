@@ -1,0 +1,81 @@
+"""End to end on a GPU: XATTN vs FLASH_ATTN through LLM.generate and `vllm serve`."""
+import json
+import random
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from tests.e2e_util import ENV, generate_in_subprocess, write_llama_config
+
+pytestmark = pytest.mark.gpu
+
+
+def _prompts(lengths, seed=0):
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 32000) for _ in range(n)] for n in lengths]
+
+
+def test_llm_generate_matches_flash_attn(tmp_path):
+    """Short and long prompts, one longer than max_num_batched_tokens (chunked
+    prefill), a repeated prefix (prefix caching): identical greedy tokens."""
+    model = write_llama_config(tmp_path / "llama")
+    prompts = _prompts([7, 40, 300, 3000, 9000, 20000, 12])
+    prompts.append(prompts[4][:8192] + prompts[1])  # shares a cached 8K prefix
+    common = dict(model=str(model), load_format="dummy", skip_tokenizer_init=True,
+                  max_model_len=32768, max_num_batched_tokens=8192, max_num_seqs=16,
+                  enable_prefix_caching=True, gpu_memory_utilization=0.5, seed=0)
+    ref, _ = generate_in_subprocess({**common, "attention_backend": "FLASH_ATTN"}, prompts, 24)
+    got, log = generate_in_subprocess(
+        {**common, "attention_backend": "XATTN",
+         "additional_config": {"xattn": {"threshold": 0.9}}}, prompts, 24)
+    assert "XATTN backend" in log
+    assert got == ref
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_openai_server_completions(tmp_path):
+    model = write_llama_config(tmp_path / "llama")
+    port = _free_port()
+    log_path = tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model),
+           "--attention-backend", "XATTN", "--additional-config", '{"xattn": {"threshold": 0.9}}',
+           "--load-format", "dummy", "--skip-tokenizer-init", "--max-model-len", "8192",
+           "--gpu-memory-utilization", "0.4", "--host", "127.0.0.1", "--port", str(port)]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=ENV)
+    try:
+        deadline = time.time() + 600
+        while True:
+            assert proc.poll() is None, log_path.read_text()[-6000:]
+            assert time.time() < deadline, "server did not come up"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(3)
+        body = json.dumps({"model": str(model), "prompt": list(range(100, 1100)),
+                           "max_tokens": 8, "temperature": 0}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            assert r.status == 200
+            reply = json.loads(r.read())
+        assert reply["usage"]["completion_tokens"] == 8
+        assert reply["usage"]["prompt_tokens"] == 1000
+        assert "XATTN backend" in log_path.read_text()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
