@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ENV = {
@@ -36,7 +37,7 @@ import json, sys
 import vllm_xattn  # noqa: F401
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
-spec = json.loads(sys.argv[1])
+spec = json.loads(open(sys.argv[1]).read())
 llm = LLM(**spec["llm"])
 params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True)
 outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]], params)
@@ -47,9 +48,11 @@ print("TOKENS=" + json.dumps([list(o.outputs[0].token_ids) for o in outs]))
 def generate_in_subprocess(llm_kwargs: dict, prompts: list[list[int]], max_tokens: int,
                            timeout: int = 900) -> tuple[list[list[int]], str]:
     """Greedy token ids from a fresh process (one engine per process), and its log."""
-    spec = json.dumps({"llm": llm_kwargs, "prompts": prompts, "max_tokens": max_tokens})
-    out = subprocess.run([sys.executable, "-c", GENERATE, spec], capture_output=True,
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({"llm": llm_kwargs, "prompts": prompts, "max_tokens": max_tokens}, f)
+    out = subprocess.run([sys.executable, "-c", GENERATE, f.name], capture_output=True,
                          text=True, timeout=timeout, env=ENV)
+    os.unlink(f.name)
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-6000:]
     line = [l for l in out.stdout.splitlines() if l.startswith("TOKENS=")][-1]

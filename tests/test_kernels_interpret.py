@@ -1,0 +1,289 @@
+"""Triton kernels (vllm_xattn.kernels) against the PyTorch reference (vllm_xattn.reference).
+
+Without CUDA the kernels run under TRITON_INTERPRET=1 on CPU tensors at tiny shapes; the
+``gpu``-marked variants run the same checks on CUDA at larger shapes.
+"""
+
+import math
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from vllm_xattn.kernels import (  # noqa: E402
+    antidiagonal_scores_paged,
+    build_page_lists,
+    folded_kv_views,
+    make_paged_cache,
+    masks_from_selection,
+    plan_prefill,
+    select_blocks_packed,
+    unpack_scores,
+)
+from vllm_xattn.reference import antidiagonal_block_scores, block_sparse_attention, select_blocks  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="CPU tensors need TRITON_INTERPRET=1")),
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")]),
+]
+
+# (reqs [(Tq, N)], Hq, Hkv, D, B, S, page, block_m, block_n). CPU: interpreter-sized.
+CPU_CASES = {
+    "gqa_ctx_b64_s4_p16": ([(70, 200), (130, 130), (33, 300)], 4, 2, 16, 64, 4, 16, 16, 16),
+    "ctx_b64_s8_p64": ([(200, 600), (64, 64)], 2, 1, 32, 64, 8, 64, 16, 32),
+    "b128_s16_p32": ([(300, 520)], 2, 2, 16, 128, 16, 32, 16, 16),
+    "b64_s16_p16_multi": ([(1, 77), (150, 450), (64, 128)], 4, 1, 16, 64, 16, 16, 16, 16),
+}
+GPU_CASES = {
+    "gqa_ctx_b128_s8_p16": ([(1000, 3000), (2048, 2048), (77, 5000)], 8, 2, 128, 128, 8, 16, 64, 64),
+    "gqa_b128_s16_p64": ([(4096, 8192), (513, 600)], 8, 1, 128, 128, 16, 64, 128, 64),
+    "d64_b64_s4_p16": ([(3000, 4000)], 4, 4, 64, 64, 4, 16, 64, 64),
+    "b64_s32_p32": ([(1500, 2500), (10, 70)], 4, 2, 64, 64, 32, 32, 64, 64),
+}
+
+
+def case_params():
+    out = []
+    for dev in DEVICES:
+        cases = CPU_CASES if dev.values[0] == "cpu" else GPU_CASES
+        for name, c in cases.items():
+            out.append(pytest.param(dev.values[0], c, id=f"{dev.values[0]}-{name}", marks=dev.marks))
+    return out
+
+
+CASES = case_params()
+
+
+def make_problem(case, device, seed=0, dtype=torch.float32, qscale=2.0):
+    reqs, hq, hkv, d, B, S, page, bm, bn = case
+    g = torch.Generator().manual_seed(seed)
+    T, N = sum(t for t, _ in reqs), sum(n for _, n in reqs)
+    q = (torch.randn(T, hq, d, generator=g) * qscale).to(dtype)
+    k = torch.randn(N, hkv, d, generator=g).to(dtype)
+    v = torch.randn(N, hkv, d, generator=g).to(dtype)
+    cu_q = torch.tensor([0] + np.cumsum([t for t, _ in reqs]).tolist(), dtype=torch.int32)
+    cu_k = torch.tensor([0] + np.cumsum([n for _, n in reqs]).tolist(), dtype=torch.int32)
+    kv, bt = make_paged_cache(k, v, cu_k, page, num_pages_extra=3, generator=g)
+    plan = plan_prefill(cu_q, [n for _, n in reqs], block_size=B, stride=S, block_m=bm, block_n=bn)
+    return dict(q=q, k=k, v=v, cu_q=cu_q, cu_k=cu_k, kv=kv.to(device), bt=bt.to(device), plan=plan.to(device),
+                B=B, S=S, hkv=hkv, dev=device)
+
+
+def pack(scores, plan):
+    hq = scores[0].shape[0]
+    A = torch.zeros(hq, plan.total_q_blocks, plan.max_kb)
+    for r, a in enumerate(scores):
+        o = plan.q_block_offset[r]
+        A[:, o : o + a.shape[1], : a.shape[2]] = a
+    return A
+
+
+def kernel_scores(p, q=None):
+    q = p["q"] if q is None else q
+    return antidiagonal_scores_paged(q.to(p["dev"]), p["kv"], p["bt"], p["plan"])
+
+
+def ref_scores(p):
+    return antidiagonal_block_scores(p["q"], p["k"], p["cu_q"], p["cu_k"], stride=p["S"], block_size=p["B"])
+
+
+# --------------------------------------------------------------------------- plan / paged helpers
+
+
+def test_plan_layout():
+    plan = plan_prefill([0, 70, 200, 233], [200, 130, 300], block_size=64, stride=4, block_m=16, block_n=16)
+    # request 0: ctx 130 -> blocks 2..3; request 1: blocks 0..2; request 2: ctx 267 -> block 4
+    assert plan.q_block_offset == (0, 2, 5) and plan.total_q_blocks == 6 and plan.max_kb == 5
+    assert plan.row_block.tolist() == [2, 3, 0, 1, 2, 4]
+    assert plan.row_q_start.tolist() == [0, 62, 70, 134, 198, 200, 233]
+    assert plan.row_last_len.tolist() == [64, 8, 64, 64, 2, 44]
+    q = torch.randn(233, 4, 8)
+    idx = plan.query_index(4, group=2)
+    assert torch.equal(q.reshape(-1, 8)[idx].view(2, 233, 2, 8), q.view(233, 2, 2, 8).transpose(0, 1))
+    cu = plan.mini_cu_seqlens_q(2)
+    assert cu.tolist() == [0, 62, 70, 134, 198, 200, 233, 295, 303, 367, 431, 433, 466]
+
+
+def test_paged_cache_and_folded_views():
+    g = torch.Generator().manual_seed(1)
+    k, v = torch.randn(300, 3, 8, generator=g), torch.randn(300, 3, 8, generator=g)
+    cu = torch.tensor([0, 100, 300])
+    kv, bt = make_paged_cache(k, v, cu, 16, num_pages_extra=2, generator=g)
+    assert kv.shape[1:] == (3, 16, 16) and kv.permute(0, 2, 1, 3).is_contiguous()
+    kf, vf, spp = folded_kv_views(kv)
+    for r in range(2):
+        for pos in (0, 15, 16, int(cu[r + 1] - cu[r]) - 1):
+            for h in range(3):
+                pid = int(bt[r, pos // 16]) * spp + h
+                assert torch.equal(kf[pid, pos % 16, 0], k[int(cu[r]) + pos, h])
+                assert torch.equal(vf[pid, pos % 16, 0], v[int(cu[r]) + pos, h])
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+@pytest.mark.parametrize("device,case", CASES)
+def test_scores_match_reference(device, case):
+    p = make_problem(case, device)
+    A = kernel_scores(p)
+    got = unpack_scores(A.cpu(), p["plan"])
+    for a, r in zip(got, ref_scores(p)):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+    # Packed layout: everything outside the requests' causal blocks is exactly 0.
+    plan = p["plan"]
+    j = torch.arange(plan.max_kb)
+    assert (A.cpu()[:, j[None, :] > plan.row_block.cpu()[:, None]] == 0).all()
+
+
+@pytest.mark.parametrize("device", [d for d in DEVICES])
+def test_scores_strided_inputs(device):
+    """q as a slice of a fused qkv tensor, cache in HND physical order."""
+    case = CPU_CASES["gqa_ctx_b64_s4_p16"] if device == "cpu" else GPU_CASES["gqa_ctx_b128_s8_p16"]
+    p = make_problem(case, device, seed=3)
+    T, hq, d = p["q"].shape
+    fused = torch.zeros(T, hq + 2 * p["hkv"], d)
+    fused[:, :hq] = p["q"]
+    q_view = fused.to(device)[:, :hq]
+    assert not q_view.is_contiguous()
+    p["kv"] = p["kv"].contiguous()  # HND: (num_pages, Hkv, page, 2D) contiguous
+    A = kernel_scores(p, q_view)
+    for a, r in zip(unpack_scores(A.cpu(), p["plan"]), ref_scores(p)):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("device", DEVICES)
+def test_scores_half_inputs(device, dtype):
+    case = CPU_CASES["ctx_b64_s8_p64"] if device == "cpu" else GPU_CASES["gqa_b128_s16_p64"]
+    p = make_problem(case, device, dtype=dtype, qscale=1.0)
+    A = kernel_scores(p)
+    for a, r in zip(unpack_scores(A.cpu(), p["plan"]), ref_scores(p)):  # reference upcasts the same values
+        torch.testing.assert_close(a, r, rtol=1e-3, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- selection
+
+SELECTIONS = {
+    "thr0.9": dict(mode="threshold", threshold=0.9),
+    "thr_head": dict(mode="threshold", threshold="per_head"),
+    "topk3": dict(mode="topk", topk=3),
+    "ratio0.3": dict(mode="ratio", ratio=0.3),
+    "kvgroup0.8": dict(mode="threshold", threshold=0.8, granularity="kv_group"),
+    "kvgroup_topk2": dict(mode="topk", topk=2, granularity="kv_group"),
+}
+
+
+def sel_kwargs(name, hq, hkv):
+    kw = dict(SELECTIONS[name])
+    if kw.get("threshold") == "per_head":
+        kw["threshold"] = torch.tensor([0.0, 0.5, 0.95, 1.0] * hq)[:hq]
+    if kw.get("granularity") == "kv_group":
+        kw["num_kv_heads"] = hkv
+    return kw
+
+
+def check_id_order(counts, ids, plan):
+    counts, ids, rb = counts.cpu(), ids.cpu(), plan.row_block.cpu()
+    for h in range(ids.shape[0]):
+        for row in range(ids.shape[1]):
+            sel = ids[h, row, : int(counts[h, row])].tolist()
+            assert sel[-1] == int(rb[row]) and sel[:-1] == sorted(set(sel[:-1])) and int(rb[row]) not in sel[:-1]
+
+
+@pytest.mark.parametrize("sel", list(SELECTIONS))
+@pytest.mark.parametrize("device", DEVICES)
+def test_selection_exact_on_reference_scores(device, sel):
+    case = CPU_CASES["b64_s16_p16_multi"] if device == "cpu" else GPU_CASES["gqa_ctx_b128_s8_p16"]
+    case = (case[0] + ([(40, 1100)] if device == "cpu" else []),) + case[1:]  # one long row (18 blocks)
+    p = make_problem(case, device)
+    scores = ref_scores(p)
+    kw = sel_kwargs(sel, p["q"].shape[1], p["hkv"])
+    counts, ids, n_sel = select_blocks_packed(pack(scores, p["plan"]).to(device), p["plan"], **kw)
+    want = select_blocks(scores, **kw)
+    got = masks_from_selection(counts, ids, p["plan"])
+    for g_, w_ in zip(got, want):
+        assert torch.equal(g_, w_)
+    assert int(n_sel) == sum(int(m.sum()) for m in want)
+    check_id_order(counts, ids, p["plan"])
+
+
+def test_selection_ties_and_degenerate():
+    """Equal masses: ties go to the lower block; zero rows; tau 0 keeps only forced blocks."""
+    plan = plan_prefill([0, 64 * 6], [64 * 6], block_size=64, stride=4, block_m=16, block_n=16)
+    A = torch.zeros(2, 6, 6)
+    for i in range(6):
+        A[0, i, : i + 1] = 1.0  # all equal
+    A[1, 5, :6] = torch.tensor([0.0, 2.0, 1.0, 2.0, 1.0, 0.0])
+    scores = [A]
+    for kw in (dict(mode="threshold", threshold=0.6), dict(mode="threshold", threshold=0.0),
+               dict(mode="topk", topk=4), dict(mode="ratio", ratio=0.5), dict(mode="threshold", threshold=2.0)):
+        counts, ids, _ = select_blocks_packed(A, plan, **kw)
+        assert torch.equal(masks_from_selection(counts, ids, plan)[0], select_blocks(scores, **kw)[0]), kw
+        check_id_order(counts, ids, plan)
+
+
+@pytest.mark.parametrize("device,case", CASES[:2] + [c for c in CASES if c.values[0] == "cuda"][:2])
+def test_selection_on_kernel_scores(device, case):
+    p = make_problem(case, device)
+    kw = dict(mode="threshold", threshold=0.9)
+    A = kernel_scores(p)
+    counts, ids, _ = select_blocks_packed(A, p["plan"], **kw)
+    got = masks_from_selection(counts, ids, p["plan"])
+    want = select_blocks(ref_scores(p), **kw)
+    diff = sum(int((g_ != w_).sum()) for g_, w_ in zip(got, want))
+    total = sum(w_.numel() for w_ in want)
+    assert diff / total <= 0.01, f"mask mismatch rate {diff / total:.4f}"
+
+
+# --------------------------------------------------------------------------- page lists (end to end)
+
+
+def attend_page_lists(p, lists, q_mini, group):
+    """Reference attention per mini-request, K/V gathered through the folded page lists."""
+    kf, vf, _ = folded_kv_views(p["kv"].cpu())
+    page = p["kv"].shape[2]
+    pt, sk, cu = lists.page_table.cpu(), lists.seqused_k.cpu(), lists.cu_seqlens_q.cpu()
+    d = q_mini.shape[-1]
+    out = torch.zeros_like(q_mini, dtype=torch.float32)
+    for m in range(len(sk)):
+        n_k, q0, q1 = int(sk[m]), int(cu[m]), int(cu[m + 1])
+        pages = pt[m, : math.ceil(n_k / page)].long()
+        kk = kf[pages].reshape(-1, d)[:n_k].float()
+        vv = vf[pages].reshape(-1, d)[:n_k].float()
+        qq = q_mini[q0:q1].float()  # [Lq, G, D]
+        lq = q1 - q0
+        s = torch.einsum("tgd,nd->gtn", qq, kk) / math.sqrt(d)
+        allowed = torch.arange(n_k)[None, :] <= (n_k - lq + torch.arange(lq))[:, None]  # bottom-right causal
+        pr = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1)
+        out[q0:q1] = torch.einsum("gtn,nd->tgd", pr, vv)
+    return out
+
+
+@pytest.mark.parametrize("granularity", ["head", "kv_group"])
+@pytest.mark.parametrize("device,case", [c for c in CASES if c.values[0] == "cpu"][:3:2] + [c for c in CASES if c.values[0] == "cuda"][:1])
+def test_page_lists_end_to_end(device, case, granularity):
+    p = make_problem(case, device)
+    hq, hkv = p["q"].shape[1], p["hkv"]
+    kw = dict(mode="threshold", threshold=0.8, granularity=granularity, num_kv_heads=hkv)
+    counts, ids, _ = select_blocks_packed(kernel_scores(p), p["plan"], **kw)
+    lists = build_page_lists(counts, ids, p["bt"], p["kv"], p["plan"], granularity=granularity, num_kv_heads=hkv)
+    masks = masks_from_selection(counts, ids, p["plan"])
+    want = block_sparse_attention(p["q"], p["k"], p["v"], p["cu_q"], p["cu_k"], masks, block_size=p["B"])
+
+    group = hq // hkv if granularity == "kv_group" else 1
+    T, d = p["q"].shape[0], p["q"].shape[2]
+    plan_cpu = p["plan"].to("cpu")
+    idx = plan_cpu.query_index(hq, group)
+    q_mini = p["q"].reshape(-1, d)[idx].view(hq // group * T, group, d)
+    assert torch.equal(lists.cu_seqlens_q.cpu(), plan_cpu.mini_cu_seqlens_q(hq // group))
+    assert int(lists.seqused_k.max()) <= lists.max_seqlen_k
+    out = attend_page_lists(p, lists, q_mini, group)
+    got = torch.empty(T * hq, d)
+    got[idx] = out.reshape(-1, d)
+    torch.testing.assert_close(got.view(T, hq, d), want, rtol=1e-4, atol=1e-4)
