@@ -83,7 +83,7 @@ class XAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config: VllmConfig, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.xattn: XAttnConfig = xattn_config_from_vllm(vllm_config)
-        logger.info_once("XATTN backend active: %s", self.xattn.model_dump(exclude_none=True))
+        logger.info_once("XATTN backend active: %s", str(self.xattn.model_dump(exclude_none=True)))
 
 
 class XAttentionImpl(FlashAttentionImpl):

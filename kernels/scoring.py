@@ -13,6 +13,7 @@ sums the rows of each query block into A. Scores are never recomputed nor writte
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -34,7 +35,7 @@ def _score_kernel(
     s_ah, s_ar,
     max_kt, qk_scale,
     S: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, B: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     BPS: tl.constexpr = B // S  # super-tokens per block
     NB_T: tl.constexpr = BLOCK_N // BPS  # key blocks per key tile
@@ -87,7 +88,10 @@ def _score_kernel(
                 page = tl.load(bt_row + kpos // PAGE, mask=kmask, other=0).to(tl.int64)
                 k = tl.load(k_base + (page * s_kp + (kpos % PAGE) * s_kn)[None, :] + d[:, None] * s_kd,
                             mask=kmask[None, :], other=0.0)  # [BLOCK_D, BLOCK_N]: K^T
-                acc = tl.dot(q, k, acc, input_precision=PREC)
+                if UPCAST:  # the interpreter's bf16 dot is broken; fp32 there is exact anyway
+                    q = q.to(tl.float32)
+                    k = k.to(tl.float32)
+                acc = tl.dot(q, k.to(q.dtype), acc, input_precision=PREC)
             s = tl.where(cols[None, :] <= rows[:, None], acc * qk_scale, float("-inf"))
             # Tile 0 holds super-column 0, visible to every row: m_i is finite from then on.
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -185,6 +189,7 @@ def antidiagonal_scores_paged(
         S=S, D=d, BLOCK_D=block_d, B=B, PAGE=page,
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        UPCAST=os.environ.get("TRITON_INTERPRET") == "1" and q.dtype == torch.bfloat16,
         **kw,
     )
     return out
