@@ -10,7 +10,7 @@ Per scheduler step: ``plan = plan_prefill(...).to(device)`` (host metadata, one 
 from .page_lists import PageLists, build_page_lists
 from .paged import folded_kv_views, make_paged_cache, split_kv
 from .plan import XAttnPlan, plan_prefill
-from .scoring import antidiagonal_scores_paged, unpack_scores
+from .scoring import antidiagonal_scores_paged, scoring_workspace_numel, unpack_scores
 from .selection import masks_from_selection, select_blocks_packed
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "make_paged_cache",
     "masks_from_selection",
     "plan_prefill",
+    "scoring_workspace_numel",
     "select_blocks_packed",
     "split_kv",
     "unpack_scores",

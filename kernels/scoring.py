@@ -72,8 +72,14 @@ def _score_kernel(
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
+        # Row pointers of Q[a*S + S-1] (t = 0); Q_t rows are t tokens earlier.
+        q_rows = q_base + (q_start + rows * S + (S - 1) - ctx).to(tl.int64) * s_qt
         for kt in range(0, n_kt):
             cols = kt * BLOCK_N + offs_n
+            if PAGE % S == 0:  # a super-column lies in one page: look the pages up once per tile
+                kpos0 = cols * S
+                page = tl.load(bt_row + kpos0 // PAGE, mask=kpos0 < n, other=0).to(tl.int64)
+                k_cols = k_base + page * s_kp + (kpos0 % PAGE) * s_kn
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             # One flat loop over (t, D chunk): acc += Q_t @ K_t^T.
             for it in range(0, S * ND):
@@ -81,13 +87,15 @@ def _score_kernel(
                 d = (it % ND) * BLOCK_D + offs_d
                 qpos = rows * S + (S - 1 - t)
                 qmask = (qpos >= ctx) & (qpos < n)  # context rows and the tail are zeros
-                q = tl.load(q_base + (q_start + qpos - ctx).to(tl.int64)[:, None] * s_qt + d[None, :] * s_qd,
-                            mask=qmask[:, None], other=0.0)
+                q = tl.load(q_rows[:, None] - t * s_qt + d[None, :] * s_qd, mask=qmask[:, None], other=0.0)
                 kpos = cols * S + t
                 kmask = kpos < n
-                page = tl.load(bt_row + kpos // PAGE, mask=kmask, other=0).to(tl.int64)
-                k = tl.load(k_base + (page * s_kp + (kpos % PAGE) * s_kn)[None, :] + d[:, None] * s_kd,
-                            mask=kmask[None, :], other=0.0)  # [BLOCK_D, BLOCK_N]: K^T
+                if PAGE % S == 0:
+                    k_ptrs = k_cols + t * s_kn
+                else:
+                    page_t = tl.load(bt_row + kpos // PAGE, mask=kmask, other=0).to(tl.int64)
+                    k_ptrs = k_base + page_t * s_kp + (kpos % PAGE) * s_kn
+                k = tl.load(k_ptrs[None, :] + d[:, None] * s_kd, mask=kmask[None, :], other=0.0)  # K_t^T
                 if UPCAST:  # the interpreter's bf16 dot is broken; fp32 there is exact anyway
                     q = q.to(tl.float32)
                     k = k.to(tl.float32)
@@ -123,6 +131,13 @@ def _score_kernel(
         tl.debug_barrier()  # before the next work item overwrites the scratch
 
 
+def scoring_workspace_numel(plan: XAttnPlan, num_programs: int) -> int:
+    """float32 scratch elements: per program and key tile, BLOCK_M row maxima plus
+    BLOCK_M x (key blocks per tile) partial sums. Independent of the number of heads."""
+    nb_t = plan.block_n // (plan.block_size // plan.stride)
+    return num_programs * plan.max_key_tiles * plan.block_m * (1 + nb_t)
+
+
 _SM_COUNT: dict[int, int] = {}
 
 
@@ -143,16 +158,19 @@ def antidiagonal_scores_paged(
     *,
     num_programs: int | None = None,
     out: Tensor | None = None,
+    workspace: Tensor | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
 ) -> Tensor:
     """Block masses A, packed: float32 [Hq, plan.total_q_blocks, plan.max_kb].
 
-    q: [T, Hq, D] (any strides; rows as in the plan's cu_seqlens_q). kv_cache: vLLM's logical
+    q: [T, Hq, D] (any strides); q[0] is the first query token of the plan's first request. kv_cache: vLLM's logical
     ``(num_pages, Hkv, page_size, 2*D)`` view, any strides; page_size must divide B.
     block_table: int32 [R, max_pages] of the plan's requests (device). plan: ``plan.to(q.device)``.
     Row ``plan.q_block_offset[r] + (i - qb0)`` holds absolute query block i of request r;
     columns j > i (and beyond the request's key blocks) are 0. No host synchronisation.
+    num_programs: persistent grid size (default 2 x SMs). workspace: optional preallocated
+    float32 scratch of ``scoring_workspace_numel(plan, num_programs)`` elements.
     """
     T, hq, d = q.shape
     num_pages, hkv, page, two_d = kv_cache.shape
@@ -161,21 +179,25 @@ def antidiagonal_scores_paged(
         raise ValueError(f"shape mismatch: q {tuple(q.shape)} vs kv_cache {tuple(kv_cache.shape)}")
     if B % page:
         raise ValueError(f"page_size {page} must divide block_size {B}")
-    block_d = min(d, 128)
-    if d % block_d or block_d < 16 or block_d & (block_d - 1):
-        raise ValueError(f"unsupported head_dim {d}")
+    block_d = d & -d if d % 128 else 128  # largest power-of-two chunk of D, at most 128
+    if block_d < 16:
+        raise ValueError(f"head_dim {d} must be a multiple of 16")
+    if block_table.stride(1) != 1:
+        raise ValueError("block_table rows must be contiguous")
     n_work = plan.num_tiles * hq
     nprog = num_programs or _default_programs(q.device, n_work)
     if out is None:
         out = torch.zeros(hq, plan.total_q_blocks, plan.max_kb, dtype=torch.float32, device=q.device)
     else:
         out.zero_()
-    nb_t = plan.block_n // (B // S)
-    scr_p = torch.empty(nprog * plan.max_key_tiles * plan.block_m * nb_t, dtype=torch.float32, device=q.device)
-    scr_m = torch.empty(nprog * plan.max_key_tiles * plan.block_m, dtype=torch.float32, device=q.device)
-    kw = {}
-    if num_warps is not None:
-        kw["num_warps"] = num_warps
+    need = scoring_workspace_numel(plan, nprog)
+    if workspace is None:
+        workspace = torch.empty(need, dtype=torch.float32, device=q.device)
+    elif workspace.numel() < need or workspace.dtype != torch.float32:
+        raise ValueError(f"workspace must be float32 with >= {need} elements")
+    n_m = nprog * plan.max_key_tiles * plan.block_m
+    scr_m, scr_p = workspace[:n_m], workspace[n_m:need]
+    kw = {"num_warps": num_warps or (8 if plan.block_m * plan.block_n >= 128 * 64 else 4)}
     if num_stages is not None:
         kw["num_stages"] = num_stages
     _score_kernel[(nprog,)](

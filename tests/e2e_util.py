@@ -32,6 +32,14 @@ def write_llama_config(path: Path, **overrides) -> Path:
     return path
 
 
+def save_log(name: str, text: str) -> None:
+    """Keep engine logs for inspection when XATTN_TEST_LOGS names a folder."""
+    folder = os.environ.get("XATTN_TEST_LOGS")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / f"{name}.log").write_text(text)
+
+
 GENERATE = r"""
 import json, sys
 import vllm_xattn  # noqa: F401
@@ -54,6 +62,7 @@ def generate_in_subprocess(llm_kwargs: dict, prompts: list[list[int]], max_token
                          text=True, timeout=timeout, env=ENV)
     os.unlink(f.name)
     log = out.stdout + out.stderr
+    save_log(f"generate-{llm_kwargs.get('attention_backend', 'auto')}", log)
     assert out.returncode == 0, log[-6000:]
     line = [l for l in out.stdout.splitlines() if l.startswith("TOKENS=")][-1]
     return json.loads(line[len("TOKENS="):]), log

@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from tests.e2e_util import ENV, generate_in_subprocess, write_llama_config
+from tests.e2e_util import ENV, generate_in_subprocess, save_log, write_llama_config
 
 pytestmark = pytest.mark.gpu
 
@@ -32,7 +32,7 @@ def test_llm_generate_matches_flash_attn(tmp_path):
     got, log = generate_in_subprocess(
         {**common, "attention_backend": "XATTN",
          "additional_config": {"xattn": {"threshold": 0.9}}}, prompts, 24)
-    assert "XATTN backend" in log
+    assert "XATTN backend active" in log, "engine did not run the XATTN backend"
     assert got == ref
 
 
@@ -72,8 +72,9 @@ def test_openai_server_completions(tmp_path):
             reply = json.loads(r.read())
         assert reply["usage"]["completion_tokens"] == 8
         assert reply["usage"]["prompt_tokens"] == 1000
-        assert "XATTN backend" in log_path.read_text()
+        assert "XATTN backend active" in log_path.read_text(), "server did not run XATTN"
     finally:
+        save_log("serve-XATTN", log_path.read_text())
         proc.terminate()
         try:
             proc.wait(60)
