@@ -20,7 +20,8 @@ from vllm.v1.attention.backends.flash_attn import (
 
 from vllm_xattn.config import XAttnConfig, xattn_config_from_vllm
 
-logger = init_logger(__name__)
+# Under the "vllm" logger so messages use vLLM's handlers and log level.
+logger = init_logger("vllm.xattn")
 
 
 def dense_only_reasons(

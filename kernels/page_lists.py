@@ -35,18 +35,19 @@ class PageLists:
 @triton.jit
 def _page_list_kernel(
     cnt_ptr, ids_ptr, bt_ptr, row_req_ptr, row_last_len_ptr, req_ptr, pt_ptr, sk_ptr,
-    tqb, spp, head_div,
+    tqb, spp, head_div, h_first,
     s_ch, s_ih, s_ir, s_bt, s_pt,
     B: tl.constexpr, PAGE: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     PPB: tl.constexpr = B // PAGE  # pages per block
     row = tl.program_id(0)
-    hs = tl.program_id(1)
+    hl = tl.program_id(1)  # head within the chunk
+    hs = h_first + hl
     c = tl.load(cnt_ptr + hs * s_ch + row)
     r = tl.load(row_req_ptr + row)
     n = tl.load(req_ptr + 5 * r + 2)
     h_kv = hs // head_div
-    m = hs.to(tl.int64) * tqb + row
+    m = hl.to(tl.int64) * tqb + row
     tl.store(sk_ptr + m, (c - 1) * B + tl.load(row_last_len_ptr + row))
     n_pages = (n + PAGE - 1) // PAGE
     offs_s = tl.arange(0, BLOCK_S)
@@ -73,13 +74,19 @@ def build_page_lists(
     *,
     granularity: str = "head",
     num_kv_heads: int | None = None,
+    heads: tuple[int, int] | None = None,
+    page_table: Tensor | None = None,
 ) -> PageLists:
     """counts [Hq, TQB] / ids [Hq, TQB, max_kb] from ``select_blocks_packed`` (for
     "kv_group" the group's repeated rows are read once), block_table int32 [R, max_pages] of
     the plan's requests, kv_cache the logical ``(num_pages, Hkv, page_size, 2D)`` view.
 
     The page table is sized for the densest case (every causal block): max_kb * B/page_size
-    columns per mini-request.
+    columns per mini-request (1 GiB for 32 heads at 128K, page 16). To bound it, build and run
+    the executor per chunk of selection heads ``heads=(h0, h1)`` (query heads for "head", kv
+    heads for "kv_group"), optionally into a reused ``page_table`` buffer; mini-request m of a
+    chunk is (head h0 + m // TQB, row m % TQB) and its queries are rows ``h0*T : h1*T`` of the
+    head-major query layout.
     """
     hq, tqb, max_kb = ids.shape
     _, hkv, page, _ = kv_cache.shape
@@ -98,20 +105,31 @@ def build_page_lists(
         hs, head_div = hq, hq // hkv
     else:
         raise ValueError(f"granularity must be 'head' or 'kv_group', got {granularity!r}")
+    h0, h1 = heads or (0, hs)
+    if not 0 <= h0 < h1 <= hs:
+        raise ValueError(f"heads must be a range within [0, {hs}], got {heads!r}")
+    if block_table.stride(1) != 1:
+        raise ValueError("block_table rows must be contiguous")
     dev = ids.device
-    m = hs * tqb
+    nh = h1 - h0
+    m = nh * tqb
     ppb = B // page
-    page_table = torch.empty(m, max_kb * ppb, dtype=torch.int32, device=dev)
+    if page_table is None:
+        page_table = torch.empty(m, max_kb * ppb, dtype=torch.int32, device=dev)
+    elif page_table.shape[0] < m or page_table.shape[1] < max_kb * ppb or page_table.stride(1) != 1:
+        raise ValueError(f"page_table buffer must be int32 with >= ({m}, {max_kb * ppb}) and contiguous rows")
+    else:
+        page_table = page_table[:m]
     seqused_k = torch.empty(m, dtype=torch.int32, device=dev)
-    _page_list_kernel[(tqb, hs)](
+    _page_list_kernel[(tqb, nh)](
         counts, ids, block_table, plan.row_request, plan.row_last_len, plan.req_meta, page_table, seqused_k,
-        tqb, s_b // s_h, head_div,
+        tqb, s_b // s_h, head_div, h0,
         counts.stride(0), ids.stride(0), ids.stride(1), block_table.stride(0), page_table.stride(0),
         B=B, PAGE=page, BLOCK_S=64, num_warps=1,
     )
     # Mini-request query rows: head-major copies of the plan's block rows (device math, no sync).
     rs = plan.row_q_start
     t = plan.num_q_tokens
-    cu = (torch.arange(hs, device=dev, dtype=torch.int32)[:, None] * t + rs[None, :-1]).reshape(-1)
-    cu = torch.cat([cu, torch.full((1,), hs * t, dtype=torch.int32, device=dev)])
+    cu = (torch.arange(nh, device=dev, dtype=torch.int32)[:, None] * t + rs[None, :-1]).reshape(-1)
+    cu = torch.cat([cu, torch.full((1,), nh * t, dtype=torch.int32, device=dev)])
     return PageLists(page_table, seqused_k, cu, max_seqlen_q=B, max_seqlen_k=max_kb * B)

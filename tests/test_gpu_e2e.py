@@ -32,8 +32,8 @@ def test_llm_generate_matches_flash_attn(tmp_path):
     got, log = generate_in_subprocess(
         {**common, "attention_backend": "XATTN",
          "additional_config": {"xattn": {"threshold": 0.9}}}, prompts, 24)
-    assert "XATTN backend active" in log, "engine did not run the XATTN backend"
     assert got == ref
+    assert "XATTN backend active" in log, "engine did not run the XATTN backend"
 
 
 def _free_port():

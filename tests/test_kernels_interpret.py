@@ -42,7 +42,8 @@ CPU_CASES = {
     "ctx_b64_s8_p64": ([(200, 600), (64, 64)], 2, 1, 32, 64, 8, 64, 16, 32),
     "b128_s16_p32": ([(300, 520)], 2, 2, 16, 128, 16, 32, 16, 16),
     "b64_s16_p16_multi": ([(1, 77), (150, 450), (64, 128)], 4, 1, 16, 64, 16, 16, 16, 16),
-    "d48_b64_s32_p32": ([(100, 250)], 2, 1, 48, 64, 32, 32, 16, 16),
+    "b128_s4_p16": ([(200, 600), (5, 40)], 2, 1, 32, 128, 4, 16, 32, 32),
+    "d48_b64_s32_p16": ([(100, 250), (30, 45)], 2, 1, 48, 64, 32, 16, 16, 16),  # S > page
 }
 GPU_CASES = {
     "gqa_ctx_b128_s8_p16": ([(1000, 3000), (2048, 2048), (77, 5000)], 8, 2, 128, 128, 8, 16, 64, 64),
@@ -362,3 +363,18 @@ def test_page_lists_end_to_end(device, case, granularity):
     got = torch.empty(T * hq, d)
     got[idx] = out.reshape(-1, d)
     torch.testing.assert_close(got.view(T, hq, d), want, rtol=1e-4, atol=1e-4)
+
+    # Head chunks into a reused buffer give the same rows as the whole.
+    hs = hq // group
+    if hs > 1:
+        h0, h1 = 1, hs
+        buf = torch.empty_like(lists.page_table)
+        part = build_page_lists(counts, ids, p["bt"], p["kv"], p["plan"], granularity=granularity,
+                                num_kv_heads=hkv, heads=(h0, h1), page_table=buf)
+        tqb = p["plan"].total_q_blocks
+        sl = slice(h0 * tqb, h1 * tqb)
+        assert torch.equal(part.seqused_k, lists.seqused_k[sl])
+        assert torch.equal(part.cu_seqlens_q, lists.cu_seqlens_q[h0 * tqb : h1 * tqb + 1] - h0 * T)
+        for m in range((h1 - h0) * tqb):
+            n_pg = math.ceil(int(part.seqused_k[m]) / p["kv"].shape[2])
+            assert torch.equal(part.page_table[m, :n_pg], lists.page_table[sl][m, :n_pg])
