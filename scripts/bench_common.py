@@ -1,0 +1,107 @@
+"""Shared pieces of the GPU benchmarks: layer shapes, paged inputs, dense FA3, records."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from datetime import date
+from pathlib import Path
+
+import torch
+
+# Attention-layer shapes named as in the issue records.
+SHAPES = {
+    "llama-3.1-8b": dict(num_q_heads=32, num_kv_heads=8, head_dim=128),
+    "qwen2.5-0.5b": dict(num_q_heads=14, num_kv_heads=2, head_dim=64),
+}
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def paged_inputs(seq_lens, query_lens, *, num_q_heads, num_kv_heads, head_dim, page_size=16,
+                 dtype=torch.bfloat16, device="cuda", seed=0):
+    """Random q and a vLLM-layout paged KV cache (physically NHD, pages shuffled).
+
+    Returns q [T, Hq, D], kv_cache (logical (P, Hkv, page, 2D) view), block_table [R, max_pages],
+    cu_seqlens_q [R+1] (CPU int32) and seq_lens [R] (CPU int32).
+    """
+    g = torch.Generator(device=device).manual_seed(seed)
+    pages_per_req = [math.ceil(n / page_size) for n in seq_lens]
+    num_pages = sum(pages_per_req) + 7
+    perm = torch.randperm(num_pages, generator=g, device=device).to(torch.int32)
+    phys = torch.randn(num_pages, page_size, num_kv_heads, 2 * head_dim, generator=g,
+                       device=device, dtype=torch.float32).to(dtype)
+    kv_cache = phys.permute(0, 2, 1, 3)
+    max_pages = max(pages_per_req)
+    block_table = torch.zeros(len(seq_lens), max_pages, dtype=torch.int32, device=device)
+    start = 0
+    for r, np_ in enumerate(pages_per_req):
+        block_table[r, :np_] = perm[start:start + np_]
+        start += np_
+    T = sum(query_lens)
+    q = torch.randn(T, num_q_heads, head_dim, generator=g, device=device,
+                    dtype=torch.float32).to(dtype)
+    cu_q = torch.tensor([0] + list(torch.tensor(query_lens).cumsum(0).tolist()), dtype=torch.int32)
+    return q, kv_cache, block_table, cu_q, torch.tensor(seq_lens, dtype=torch.int32)
+
+
+def contiguous_kv(kv_cache, block_table, seq_lens):
+    """Gather the paged cache back into contiguous K, V [N_total, Hkv, D] (for references)."""
+    d = kv_cache.shape[-1] // 2
+    ps = kv_cache.shape[2]
+    ks, vs = [], []
+    for r, n in enumerate(seq_lens.tolist()):
+        pages = block_table[r, : math.ceil(n / ps)].long()
+        kv = kv_cache[pages].permute(0, 2, 1, 3).reshape(-1, kv_cache.shape[1], 2 * d)[:n]
+        ks.append(kv[..., :d])
+        vs.append(kv[..., d:])
+    return torch.cat(ks), torch.cat(vs)
+
+
+def dense_fa3(q, kv_cache, block_table, cu_q, seq_lens, out=None):
+    """vLLM's FA3 varlen over the paged cache, causal (the stock FLASH_ATTN prefill)."""
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    d = q.shape[-1]
+    key_cache, value_cache = kv_cache.transpose(1, 2).split(d, dim=-1)
+    dev = q.device
+    cu = cu_q.to(dev)
+    sl = seq_lens.to(dev)
+    max_q = int((cu_q[1:] - cu_q[:-1]).max())
+    max_k = int(seq_lens.max())
+
+    def run():
+        return flash_attn_varlen_func(
+            q=q, k=key_cache, v=value_cache, cu_seqlens_q=cu, max_seqlen_q=max_q,
+            seqused_k=sl, max_seqlen_k=max_k, softmax_scale=d ** -0.5, causal=True,
+            block_table=block_table, fa_version=3, out=out,
+        )
+
+    return run
+
+
+def causal_flops(query_lens, seq_lens, num_q_heads, head_dim) -> float:
+    """FLOPs of exact causal attention (QK^T and PV) for queries at the end of each sequence."""
+    total = 0.0
+    for tq, n in zip(query_lens, seq_lens):
+        ctx = n - tq
+        pairs = tq * ctx + tq * (tq + 1) / 2
+        total += 4.0 * pairs * head_dim * num_q_heads
+    return total
+
+
+def write_records(path: Path, records: list[dict], command: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"date": str(date.today()), "device": device_name(),
+                                "commit": commit(), "command": command,
+                                "records": records}, indent=1))

@@ -1,0 +1,199 @@
+"""Scoring + selection + page lists vs dense causal FA3, same run (H100).
+
+    python scripts/bench_scoring.py --out benchmarks/results/scoring_h100.json
+
+Checks the kernels against the float32 reference first, optionally sweeps scoring tile
+configs (--tune), then times each case with triton.testing.do_bench (median) and writes
+one record per case plus a PNG beside the JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from pathlib import Path
+
+import torch
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import (  # noqa: E402
+    SHAPES, contiguous_kv, dense_fa3, paged_inputs, write_records,
+)
+
+from vllm_xattn import reference as ref  # noqa: E402
+from vllm_xattn.kernels import (  # noqa: E402
+    antidiagonal_scores_paged, build_page_lists, masks_from_selection, plan_prefill,
+    select_blocks_packed, unpack_scores,
+)
+
+
+def pipeline(q, kv_cache, block_table, plan, *, threshold, hkv, tiles=None):
+    kw = tiles or {}
+
+    def scoring():
+        return antidiagonal_scores_paged(q, kv_cache, block_table, plan, **kw)
+
+    def run():
+        a = scoring()
+        counts, ids, n_sel = select_blocks_packed(a, plan, threshold=threshold)
+        return build_page_lists(counts, ids, block_table, kv_cache, plan), n_sel
+
+    return scoring, run
+
+
+def check_against_reference(shape, seq_lens, query_lens, stride, threshold, log):
+    """Scores (fp32 tolerance) and selections (exact but for near-ties) vs the reference."""
+    dims = SHAPES[shape]
+    q, kv, bt, cu_q, sl = paged_inputs(seq_lens, query_lens, **dims, seed=1)
+    k, _ = contiguous_kv(kv, bt, sl)
+    cu_k = torch.tensor([0] + sl.cumsum(0).tolist(), dtype=torch.int32)
+    plan = plan_prefill(cu_q, sl, block_size=128, stride=stride).to("cuda")
+    a = antidiagonal_scores_paged(q, kv, bt, plan)
+    got = unpack_scores(a, plan)
+    want = ref.antidiagonal_block_scores(q, k, cu_q.cuda(), cu_k.cuda(), stride=stride, block_size=128)
+    err = max(((g - w).abs() / (w.abs() + 1e-3)).max().item() for g, w in zip(got, want))
+    counts, ids, _ = select_blocks_packed(a, plan, threshold=threshold)
+    sel = masks_from_selection(counts, ids, plan)
+    sel_ref = ref.select_blocks(want, threshold=threshold)
+    sel_same = ref.select_blocks([w.cpu() for w in got], threshold=threshold)
+    rows = sum(m.shape[0] * m.shape[1] for m in sel)
+    diff_rows = sum((m.cpu() != r.cpu()).any(-1).sum().item() for m, r in zip(sel, sel_ref))
+    same_input_diff = sum((m.cpu() != r).any(-1).sum().item() for m, r in zip(sel, sel_same))
+    res = dict(shape=shape, seq_lens=seq_lens, query_lens=query_lens, stride=stride,
+               max_rel_score_err=err, selection_rows=rows,
+               rows_differing_from_reference=diff_rows,
+               rows_differing_on_same_scores=same_input_diff)
+    log(f"check {res}")
+    return res
+
+
+def tune(shape, seq_len, stride, threshold, log):
+    dims = SHAPES[shape]
+    q, kv, bt, cu_q, sl = paged_inputs([seq_len], [seq_len], **dims)
+    best = None
+    results = []
+    for bm, bn, warps, stages in itertools.product((64, 128), (64, 128), (4, 8), (2, 3)):
+        try:
+            plan = plan_prefill(cu_q, sl, block_size=128, stride=stride, block_m=bm, block_n=bn).to("cuda")
+            scoring, _ = pipeline(q, kv, bt, plan, threshold=threshold, hkv=dims["num_kv_heads"],
+                                  tiles=dict(num_warps=warps, num_stages=stages))
+            ms = do_bench(scoring, warmup=5, rep=40)
+        except Exception as e:  # out of shared memory / registers for this tile
+            log(f"tune {bm}x{bn} w{warps} s{stages}: {type(e).__name__}")
+            continue
+        results.append(dict(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages, ms=ms))
+        log(f"tune {shape} {seq_len} S={stride} {bm}x{bn} w{warps} s{stages}: {ms:.3f} ms")
+        if best is None or ms < best["ms"]:
+            best = results[-1]
+    return best, results
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results/scoring_h100.json")
+    ap.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 32768, 131072])
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    ap.add_argument("--strides", type=int, nargs="+", default=[8, 16])
+    ap.add_argument("--threshold", type=float, default=0.9)
+    ap.add_argument("--batch", type=int, default=4, help="requests in the batched 32K case")
+    ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--skip-check", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out)
+    log_lines = []
+
+    def log(msg):
+        print(msg, flush=True)
+        log_lines.append(msg)
+
+    checks = []
+    if not args.skip_check:
+        for shape in args.shapes:
+            for stride in args.strides:
+                checks.append(check_against_reference(shape, [8192], [8192], stride, args.threshold, log))
+                # several requests, context before the queries, partial blocks
+                checks.append(check_against_reference(shape, [5000, 9000, 3333], [5000, 2900, 1000],
+                                                      stride, args.threshold, log))
+
+    tiles = {}
+    tuning = {}
+    if args.tune:  # on the Llama shape; the Qwen shape uses the kernel's defaults
+        for stride in args.strides:
+            best, allres = tune("llama-3.1-8b", 32768, stride, args.threshold, log)
+            tiles[("llama-3.1-8b", stride)] = best
+            tuning[f"llama-3.1-8b/S{stride}"] = allres
+
+    records = []
+    cases = [(s, [n], [n]) for n in args.seq_lens for s in args.shapes]
+    cases += [(s, [32768] * args.batch, [32768] * args.batch) for s in args.shapes]
+    for shape, seq_lens, query_lens in cases:
+        dims = SHAPES[shape]
+        q, kv, bt, cu_q, sl = paged_inputs(seq_lens, query_lens, **dims)
+        dense_ms = do_bench(dense_fa3(q, kv, bt, cu_q, sl), warmup=3, rep=50)
+        for stride in args.strides:
+            best = tiles.get((shape, stride)) or {}
+            t0 = time.perf_counter()
+            plan = plan_prefill(cu_q, sl, block_size=128, stride=stride,
+                                block_m=best.get("block_m"), block_n=best.get("block_n")).to("cuda")
+            plan_ms = (time.perf_counter() - t0) * 1e3
+            launch = {k: best[k] for k in ("num_warps", "num_stages") if k in best}
+            scoring, run = pipeline(q, kv, bt, plan, threshold=args.threshold,
+                                    hkv=dims["num_kv_heads"], tiles=launch)
+            lists, n_sel = run()
+            cand = sum((i + 1) for i in plan.row_block.tolist()) * dims["num_q_heads"]
+            density = n_sel.item() / cand
+            ms = do_bench(run, warmup=3, rep=50)
+            score_ms = do_bench(scoring, warmup=3, rep=50)
+            rec = dict(shape=shape, seq_len=seq_lens[0], batch=len(seq_lens), stride=stride,
+                       threshold=args.threshold, inputs="random", ms=ms, scoring_ms=score_ms,
+                       dense_fa3_ms=dense_ms, ratio=ms / dense_ms,
+                       scoring_ratio=score_ms / dense_ms, density=density, plan_host_ms=plan_ms,
+                       tiles=dict(block_m=plan.block_m, block_n=plan.block_n, **launch), **dims)
+            records.append(rec)
+            log(f"{shape:13s} N={seq_lens[0]:6d}x{len(seq_lens)} S={stride:2d}: xattn {ms:8.3f} ms "
+                f"(scoring {score_ms:8.3f}) dense {dense_ms:8.3f} ms ratio {ms / dense_ms:.3f} "
+                f"density {density:.3f}")
+            del lists
+        del q, kv
+        torch.cuda.empty_cache()
+
+    cmd = "python scripts/bench_scoring.py " + " ".join(sys.argv[1:])
+    write_records(out, records, cmd)
+    extra = out.with_name(out.stem + "_checks.json")
+    write_records(extra, checks + [{"tuning": tuning}], cmd)
+    plot(records, out.with_suffix(".png"))
+    print("\n| shape | N x batch | S | xattn ms | scoring ms | dense FA3 ms | ratio | density |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in records:
+        print(f"| {r['shape']} | {r['seq_len']}x{r['batch']} | {r['stride']} | {r['ms']:.3f} | "
+              f"{r['scoring_ms']:.3f} | {r['dense_fa3_ms']:.3f} | {r['ratio']:.3f} | {r['density']:.3f} |")
+
+
+def plot(records, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for shape in SHAPES:
+        for stride in sorted({r["stride"] for r in records}):
+            pts = sorted((r["seq_len"], r["ratio"]) for r in records
+                         if r["shape"] == shape and r["stride"] == stride and r["batch"] == 1)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=f"{shape} S={stride}")
+    ax.axhline(0.08, ls="--", c="gray", lw=0.8)
+    ax.axhline(0.05, ls=":", c="gray", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length")
+    ax.set_ylabel("(scoring + selection + page lists) / dense FA3")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
