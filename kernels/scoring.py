@@ -161,6 +161,7 @@ def antidiagonal_scores_paged(
     workspace: Tensor | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    block_d: int | None = None,
 ) -> Tensor:
     """Block masses A, packed: float32 [Hq, plan.total_q_blocks, plan.max_kb].
 
@@ -179,7 +180,10 @@ def antidiagonal_scores_paged(
         raise ValueError(f"shape mismatch: q {tuple(q.shape)} vs kv_cache {tuple(kv_cache.shape)}")
     if B % page:
         raise ValueError(f"page_size {page} must divide block_size {B}")
-    block_d = d & -d if d % 128 else 128  # largest power-of-two chunk of D, at most 128
+    if block_d is None:
+        block_d = d & -d if d % 128 else 128  # largest power-of-two chunk of D, at most 128
+    elif d % block_d:
+        raise ValueError(f"block_d {block_d} must divide head_dim {d}")
     if block_d < 16:
         raise ValueError(f"head_dim {d} must be a multiple of 16")
     if block_table.stride(1) != 1:

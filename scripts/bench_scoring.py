@@ -71,9 +71,12 @@ def check_against_reference(shape, seq_lens, query_lens, stride, threshold, log)
 # Scoring tiles (super-rows x super-columns), warps, pipeline stages. A first sweep over
 # {64,128}^2 x {4,8} warps x {2,3} stages on the H100 put 128x128/8/3 first at S=8 and 16;
 # larger tiles raise FLOPs per byte loaded from L2, which bounds this kernel.
-TUNE_CONFIGS = [
-    (128, 128, 8, 3), (128, 128, 8, 4), (64, 128, 4, 3), (128, 256, 8, 2), (128, 256, 8, 3),
-    (256, 128, 8, 2), (256, 128, 8, 3), (64, 256, 4, 3), (64, 256, 8, 3), (256, 64, 8, 3),
+# A second sweep: with BLOCK_D=128, 128x256 and 256x128 fit only 2 stages and were slower,
+# so the candidates below also halve the D chunk (more stages fit).
+TUNE_CONFIGS = [  # (block_m, block_n, num_warps, num_stages, block_d)
+    (128, 128, 8, 3, 128), (128, 128, 8, 3, 64), (128, 128, 8, 4, 64), (128, 128, 8, 5, 64),
+    (128, 256, 8, 3, 64), (128, 256, 8, 4, 64), (256, 128, 8, 3, 64), (128, 128, 4, 4, 64),
+    (64, 128, 4, 4, 64), (128, 64, 4, 4, 64),
 ]
 
 
@@ -82,17 +85,18 @@ def tune(shape, seq_len, stride, threshold, log):
     q, kv, bt, cu_q, sl = paged_inputs([seq_len], [seq_len], **dims)
     best = None
     results = []
-    for bm, bn, warps, stages in TUNE_CONFIGS:
+    for bm, bn, warps, stages, bd in TUNE_CONFIGS:
         try:
             plan = plan_prefill(cu_q, sl, block_size=128, stride=stride, block_m=bm, block_n=bn).to("cuda")
             scoring, _ = pipeline(q, kv, bt, plan, threshold=threshold, hkv=dims["num_kv_heads"],
-                                  tiles=dict(num_warps=warps, num_stages=stages))
+                                  tiles=dict(num_warps=warps, num_stages=stages, block_d=bd))
             ms = do_bench(scoring, warmup=5, rep=40)
         except Exception as e:  # out of shared memory / registers for this tile
-            log(f"tune {bm}x{bn} w{warps} s{stages}: {type(e).__name__}")
+            log(f"tune {bm}x{bn} w{warps} s{stages} d{bd}: {type(e).__name__}")
             continue
-        results.append(dict(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages, ms=ms))
-        log(f"tune {shape} {seq_len} S={stride} {bm}x{bn} w{warps} s{stages}: {ms:.3f} ms")
+        results.append(dict(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages,
+                            block_d=bd, ms=ms))
+        log(f"tune {shape} {seq_len} S={stride} {bm}x{bn} w{warps} s{stages} d{bd}: {ms:.3f} ms")
         if best is None or ms < best["ms"]:
             best = results[-1]
     return best, results
@@ -147,7 +151,7 @@ def main():
             plan = plan_prefill(cu_q, sl, block_size=128, stride=stride,
                                 block_m=best.get("block_m"), block_n=best.get("block_n")).to("cuda")
             plan_ms = (time.perf_counter() - t0) * 1e3
-            launch = {k: best[k] for k in ("num_warps", "num_stages") if k in best}
+            launch = {k: best[k] for k in ("num_warps", "num_stages", "block_d") if k in best}
             scoring, run = pipeline(q, kv, bt, plan, threshold=args.threshold,
                                     hkv=dims["num_kv_heads"], tiles=launch)
             lists, n_sel = run()
