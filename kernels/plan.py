@@ -91,8 +91,10 @@ def plan_prefill(
     if B % S:
         raise ValueError(f"stride {S} must divide block_size {B}")
     bps = B // S
-    block_m = block_m or 128  # defaults meant for H100 (untuned): 128 x 64 super-token tiles
-    block_n = block_n or 64
+    # Defaults tuned on the H100 (benchmarks/results/scoring_h100_checks.json): 128 x 256
+    # super-token tiles load the fewest bytes from L2 per FLOP that still fit 4 stages.
+    block_m = block_m or 128
+    block_n = block_n or 256
     for name, v in (("block_m", block_m), ("block_n", block_n)):
         if v % bps or v < 16 or v & (v - 1):
             raise ValueError(f"{name}={v} must be a power of two >= 16 and a multiple of B/S={bps}")

@@ -181,7 +181,8 @@ def antidiagonal_scores_paged(
     if B % page:
         raise ValueError(f"page_size {page} must divide block_size {B}")
     if block_d is None:
-        block_d = d & -d if d % 128 else 128  # largest power-of-two chunk of D, at most 128
+        # largest power-of-two chunk of D up to 64: small chunks leave room for 4 stages
+        block_d = d & -d if d % 64 else 64
     elif d % block_d:
         raise ValueError(f"block_d {block_d} must divide head_dim {d}")
     if block_d < 16:
@@ -202,8 +203,7 @@ def antidiagonal_scores_paged(
     n_m = nprog * plan.max_key_tiles * plan.block_m
     scr_m, scr_p = workspace[:n_m], workspace[n_m:need]
     kw = {"num_warps": num_warps or (8 if plan.block_m * plan.block_n >= 128 * 64 else 4)}
-    if num_stages is not None:
-        kw["num_stages"] = num_stages
+    kw["num_stages"] = num_stages or 4
     _score_kernel[(nprog,)](
         q, kv_cache, block_table, out, scr_p, scr_m, plan.tiles, plan.req_meta,
         n_work, hq, hq // hkv,
