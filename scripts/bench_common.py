@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 from datetime import date
 from pathlib import Path
@@ -17,6 +18,9 @@ SHAPES = {
 
 
 def commit() -> str:
+    """The checkout's commit; XATTN_COMMIT when the checkout has no .git (the GPU copy)."""
+    if os.environ.get("XATTN_COMMIT"):
+        return os.environ["XATTN_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, check=True).stdout.strip()
