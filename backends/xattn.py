@@ -6,19 +6,28 @@ short prefills run exactly the stock FlashAttention code.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import ClassVar
 
 import torch
 from vllm.config import VllmConfig, get_current_vllm_config_or_none
 from vllm.logger import init_logger
-from vllm.v1.attention.backend import AttentionCGSupport, AttentionType
+from vllm.v1.attention.backend import AttentionCGSupport, AttentionType, CommonAttentionMetadata
 from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionBackend,
     FlashAttentionImpl,
+    FlashAttentionMetadata,
     FlashAttentionMetadataBuilder,
 )
 
-from vllm_xattn.config import XAttnConfig, xattn_config_from_vllm
+from vllm_xattn.backends.sparse_prefill import (
+    ScratchPool,
+    SparsePrefill,
+    SparseStep,
+    choose_sparse_suffix,
+)
+from vllm_xattn.config import XAttnConfig, load_threshold_table, xattn_config_from_vllm
+from vllm_xattn.kernels import plan_prefill
 
 # Under the "vllm" logger so messages use vLLM's handlers and log level.
 logger = init_logger("vllm.xattn")
@@ -71,6 +80,16 @@ class XAttentionBackend(FlashAttentionBackend):
         return XAttentionMetadataBuilder
 
 
+@dataclasses.dataclass
+class XAttentionMetadata(FlashAttentionMetadata):
+    """Stock FA metadata of the whole batch (used as is by dense-only layers), plus the
+    split for layers that run sparse: FA metadata of the dense prefix of requests
+    (None if every request runs sparse) and the plan of the sparse suffix."""
+
+    dense: FlashAttentionMetadata | None = None
+    sparse: SparseStep | None = None
+
+
 class XAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
     # Full CUDA graphs only for uniform (decode) batches: prefill batches, where
     # the sparse path runs with data-dependent work, always run attention eagerly
@@ -84,7 +103,49 @@ class XAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config: VllmConfig, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.xattn: XAttnConfig = xattn_config_from_vllm(vllm_config)
+        if self.xattn.executor == "flashinfer":
+            raise ValueError(
+                'additional_config["xattn"]: executor "flashinfer" is not available yet; '
+                'allowed: "auto", "fa3"')
         logger.info_once("XATTN backend active: %s", str(self.xattn.model_dump(exclude_none=True)))
+        self._warned_order = False
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> FlashAttentionMetadata:
+        cm = common_attn_metadata
+        first = None
+        if (cm.causal is True and not fast_build and self.dcp_world_size == 1
+                and cm.seq_lens_cpu_upper_bound is not None and cm.max_query_len >= self.xattn.block_size
+                and self.block_size <= self.xattn.block_size
+                and self.xattn.block_size % self.block_size == 0):
+            # CPU copies only: no device sync. Upper bounds are exact for prefill rows.
+            first = choose_sparse_suffix(
+                cm.query_start_loc_cpu[: cm.num_reqs + 1], cm.seq_lens_cpu_upper_bound[: cm.num_reqs],
+                min_sparse_tokens=self.xattn.min_sparse_tokens, block_size=self.xattn.block_size)
+        if first is None:
+            return super().build(common_prefix_len, cm, fast_build)
+        qsl = cm.query_start_loc_cpu[: cm.num_reqs + 1].tolist()
+        seq_lens = cm.seq_lens_cpu_upper_bound[: cm.num_reqs].tolist()
+        dense = None
+        if first > 0:
+            sub = cm.unpadded(qsl[first], first)
+            sub = dataclasses.replace(
+                sub, max_query_len=max(b - a for a, b in zip(qsl[:first], qsl[1 : first + 1])),
+                max_seq_len=max(seq_lens[:first]))
+            dense = super().build(0, sub, fast_build)
+            if dense.scheduler_metadata is not None:
+                # A view of a buffer the next build() overwrites; these batches are never
+                # captured in full CUDA graphs, so a private copy is safe.
+                dense.scheduler_metadata = dense.scheduler_metadata.clone()
+        full = super().build(common_prefix_len, cm, fast_build)
+        plan = plan_prefill([x - qsl[first] for x in qsl[first:]], seq_lens[first:],
+                            block_size=self.xattn.block_size, stride=self.xattn.stride)
+        step = SparseStep(plan=plan.to(self.device),
+                          block_table=cm.block_table_tensor[first : cm.num_reqs],
+                          tok_start=qsl[first], tok_end=qsl[-1])
+        return XAttentionMetadata(
+            **{f.name: getattr(full, f.name) for f in dataclasses.fields(FlashAttentionMetadata)},
+            dense=dense, sparse=step)
 
 
 class XAttentionImpl(FlashAttentionImpl):
@@ -118,10 +179,75 @@ class XAttentionImpl(FlashAttentionImpl):
         )
         if kv_cache_dtype not in ("auto", "float16", "bfloat16"):
             self.dense_reasons.append(f"kv_cache_dtype {kv_cache_dtype}")
+        if self.vllm_flash_attn_version != 3:
+            self.dense_reasons.append(f"FlashAttention version {self.vllm_flash_attn_version} (executor needs FA3)")
+        if head_size % 16:
+            self.dense_reasons.append(f"head_size {head_size} (scoring needs a multiple of 16)")
+        self._vllm_config = vllm_config
+        self._sparse: SparsePrefill | None = None  # set up at the first forward (needs the layer)
+        self._layer_checked = False
 
     @property
     def may_run_sparse(self) -> bool:
         return not self.dense_reasons
 
-    # forward(): inherited. Every token takes the stock FlashAttention path until
-    # the sparse prefill path lands (see the README's status section).
+    def _setup_layer(self, layer: torch.nn.Module, device: torch.device) -> None:
+        """Per-layer decisions that need the layer's name: dense_layers, thresholds."""
+        from vllm.model_executor.models.utils import extract_layer_index
+
+        self._layer_checked = True
+        if not self.may_run_sparse:
+            return
+        try:
+            index = extract_layer_index(layer.layer_name)
+        except Exception:
+            index = None
+        if index is not None and index < self.xattn.dense_layers:
+            self.dense_reasons.append(f"layer {index} < dense_layers")
+            return
+        thresholds = None
+        if self.xattn.threshold_file is not None and self.xattn.selection == "threshold":
+            table = load_threshold_table(self.xattn.threshold_file)
+            tp_rank = 0
+            if self._vllm_config is not None and self._vllm_config.parallel_config.tensor_parallel_size > 1:
+                from vllm.distributed import get_tensor_model_parallel_rank
+
+                tp_rank = get_tensor_model_parallel_rank()
+            if index is None or index >= len(table) or len(table[0]) < (tp_rank + 1) * self.num_heads:
+                raise ValueError(
+                    f"threshold_file {self.xattn.threshold_file}: no thresholds for layer {index} "
+                    f"with {self.num_heads} query heads per rank (table is {len(table)} x {len(table[0])})")
+            row = table[index][tp_rank * self.num_heads : (tp_rank + 1) * self.num_heads]
+            thresholds = torch.tensor(row, dtype=torch.float32, device=device)
+        self._sparse = SparsePrefill(self.xattn, num_q_heads=self.num_heads,
+                                     num_kv_heads=self.num_kv_heads, head_dim=self.head_size,
+                                     scale=self.scale, thresholds=thresholds)
+
+    def _scratch(self, kv_cache: torch.Tensor, dtype: torch.dtype) -> ScratchPool:
+        sched = self._vllm_config.scheduler_config
+        return ScratchPool.get(
+            max_tokens=sched.max_num_batched_tokens, max_reqs=sched.max_num_seqs,
+            max_seq_len=self._vllm_config.model_config.max_model_len, num_q_heads=self.num_heads,
+            head_dim=self.head_size, dtype=dtype, cfg=self.xattn, page_size=kv_cache.shape[2],
+            device=kv_cache.device)
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale=None, output_block_scale=None):
+        if not self._layer_checked and self._vllm_config is not None and query.is_cuda:
+            self._setup_layer(layer, query.device)
+        sparse_step = getattr(attn_metadata, "sparse", None)
+        if attn_metadata is None:
+            # Memory-profiling run: reserve the sparse path's scratch now so that vLLM
+            # counts it and sizes the KV cache around it.
+            if self._sparse is not None and kv_cache.numel() > 0:
+                self._scratch(kv_cache, query.dtype)
+        elif sparse_step is not None and self._sparse is not None:
+            if attn_metadata.dense is not None:  # rows [0, tok_start): stock FA
+                super().forward(layer, query, key, value, kv_cache, attn_metadata.dense, output,
+                                output_scale, output_block_scale)
+            self._sparse.run(query, kv_cache, sparse_step,
+                             output.view(-1, self.num_heads, self.head_size),
+                             self._scratch(kv_cache, query.dtype))
+            return output
+        return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                               output_scale, output_block_scale)

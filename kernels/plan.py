@@ -13,6 +13,7 @@ score / selection tensors are (request, query block) pairs, request r's starting
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import ClassVar
 
 import torch
 
@@ -29,6 +30,11 @@ def _ints(x) -> list[int]:
 
 @dataclass(frozen=True)
 class XAttnPlan:
+    # Scoring tiles tuned on the H100 (benchmarks/results/scoring_h100_checks.json): 128 x 256
+    # super-token tiles load the fewest bytes from L2 per FLOP that still fit 4 stages.
+    DEFAULT_BLOCK_M: ClassVar[int] = 128
+    DEFAULT_BLOCK_N: ClassVar[int] = 256
+
     block_size: int
     stride: int
     block_m: int  # scoring: super-rows per work tile
@@ -91,10 +97,8 @@ def plan_prefill(
     if B % S:
         raise ValueError(f"stride {S} must divide block_size {B}")
     bps = B // S
-    # Defaults tuned on the H100 (benchmarks/results/scoring_h100_checks.json): 128 x 256
-    # super-token tiles load the fewest bytes from L2 per FLOP that still fit 4 stages.
-    block_m = block_m or 128
-    block_n = block_n or 256
+    block_m = block_m or XAttnPlan.DEFAULT_BLOCK_M
+    block_n = block_n or XAttnPlan.DEFAULT_BLOCK_N
     for name, v in (("block_m", block_m), ("block_n", block_n)):
         if v % bps or v < 16 or v & (v - 1):
             raise ValueError(f"{name}={v} must be a power of two >= 16 and a multiple of B/S={bps}")

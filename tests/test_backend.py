@@ -52,7 +52,9 @@ def test_dense_only_layers_recorded(kw, reason):
     except AssertionError as e:  # FA impl refuses some combos without a GPU (e.g. sinks)
         pytest.skip(str(e))
     if reason is None:
-        assert impl.dense_reasons == [] and impl.may_run_sparse
+        # Without a GPU no FA3 is found, which alone keeps a layer dense.
+        assert [r for r in impl.dense_reasons if "FlashAttention version" not in r] == []
+        assert impl.may_run_sparse == (impl.vllm_flash_attn_version == 3)
     else:
         assert any(reason in r for r in impl.dense_reasons) and not impl.may_run_sparse
 
@@ -62,3 +64,30 @@ def test_sinks_reason_without_constructing_fa():
                                  attn_type=AttentionType.DECODER, kv_sharing_target_layer_name=None,
                                  sinks=torch.zeros(8))
     assert reasons == ["attention sinks"]
+
+
+from vllm_xattn.backends.sparse_prefill import choose_sparse_suffix  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "query_lens, seq_lens, first",
+    [
+        # decodes first, then prefills by ascending query length (model runner V2)
+        ([1, 1, 300, 8192, 8192], [900, 20000, 300, 8192, 30000], 4),
+        ([1, 1, 300, 8192, 8192], [900, 20000, 300, 16384, 30000], 3),
+        ([1, 1, 300], [900, 20000, 300], None),  # nothing long enough
+        ([8192], [8192], None),  # below min_sparse_tokens
+        ([16384], [16384], 0),  # a whole batch of one long prefill
+        ([100, 9000], [30000, 30000], 1),  # a 100-token chunk is shorter than a block
+        # another order: a qualifying request before a short one runs dense
+        ([9000, 5, 9000], [30000, 30000, 40000], 2),
+        ([9000, 9000, 5], [30000, 30000, 40000], None),
+    ],
+)
+def test_sparse_suffix(query_lens, seq_lens, first):
+    qsl = [0]
+    for n in query_lens:
+        qsl.append(qsl[-1] + n)
+    got = choose_sparse_suffix(torch.tensor(qsl), torch.tensor(seq_lens),
+                               min_sparse_tokens=16384, block_size=128)
+    assert got == first

@@ -90,9 +90,12 @@ def pack(scores, plan):
     return A
 
 
-def kernel_scores(p, q=None):
+def kernel_scores(p, q=None, variant="nested"):
     q = p["q"] if q is None else q
-    return antidiagonal_scores_paged(q.to(p["dev"]), p["kv"], p["bt"], p["plan"])
+    return antidiagonal_scores_paged(q.to(p["dev"]), p["kv"], p["bt"], p["plan"], variant=variant)
+
+
+VARIANTS = ["nested", "flat"]
 
 
 def ref_scores(p):
@@ -134,10 +137,11 @@ def test_paged_cache_and_folded_views():
 # --------------------------------------------------------------------------- scoring
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("device,case", CASES)
-def test_scores_match_reference(device, case):
+def test_scores_match_reference(device, case, variant):
     p = make_problem(case, device)
-    A = kernel_scores(p)
+    A = kernel_scores(p, variant=variant)
     got = unpack_scores(A.cpu(), p["plan"])
     for a, r in zip(got, ref_scores(p)):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
@@ -147,8 +151,9 @@ def test_scores_match_reference(device, case):
     assert (A.cpu()[:, j[None, :] > plan.row_block.cpu()[:, None]] == 0).all()
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("device", [d for d in DEVICES])
-def test_scores_strided_inputs(device):
+def test_scores_strided_inputs(device, variant):
     """q as a slice of a fused qkv tensor, cache in HND physical order."""
     case = CPU_CASES["gqa_ctx_b64_s4_p16"] if device == "cpu" else GPU_CASES["gqa_ctx_b128_s8_p16"]
     p = make_problem(case, device, seed=3)
@@ -158,17 +163,18 @@ def test_scores_strided_inputs(device):
     q_view = fused.to(device)[:, :hq]
     assert not q_view.is_contiguous()
     p["kv"] = p["kv"].contiguous()  # HND: (num_pages, Hkv, page, 2D) contiguous
-    A = kernel_scores(p, q_view)
+    A = kernel_scores(p, q_view, variant=variant)
     for a, r in zip(unpack_scores(A.cpu(), p["plan"]), ref_scores(p)):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("device", DEVICES)
-def test_scores_half_inputs(device, dtype):
+def test_scores_half_inputs(device, dtype, variant):
     case = CPU_CASES["ctx_b64_s8_p64"] if device == "cpu" else GPU_CASES["gqa_b128_s16_p64"]
     p = make_problem(case, device, dtype=dtype, qscale=1.0)
-    A = kernel_scores(p)
+    A = kernel_scores(p, variant=variant)
     for a, r in zip(unpack_scores(A.cpu(), p["plan"]), ref_scores(p)):  # reference upcasts the same values
         torch.testing.assert_close(a, r, rtol=1e-3, atol=1e-4)
 
@@ -193,12 +199,13 @@ def random_case(seed, device):
     return (reqs, hq, hkv, d, B, S, page, bm, bn)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("device", DEVICES)
-def test_scores_random_shapes(device, seed):
+def test_scores_random_shapes(device, seed, variant):
     case = random_case(seed, device)
     p = make_problem(case, device, seed=seed)
-    for a, r in zip(unpack_scores(kernel_scores(p).cpu(), p["plan"]), ref_scores(p)):
+    for a, r in zip(unpack_scores(kernel_scores(p, variant=variant).cpu(), p["plan"]), ref_scores(p)):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5, msg=lambda m: f"{case}: {m}")
 
 

@@ -1,0 +1,147 @@
+"""The sparse prefill path of one attention layer: score, select, build page lists, execute.
+
+Per scheduler step the metadata builder decides which requests run sparse
+(``choose_sparse_suffix``) and plans them once (``SparseStep``); per layer,
+``SparsePrefill.run`` launches the Triton scoring / selection / page-list kernels and the
+FA3 executor over vLLM's paged cache, with no host synchronisation.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+
+from vllm_xattn.config import XAttnConfig
+from vllm_xattn.kernels import (
+    XAttnPlan,
+    antidiagonal_scores_paged,
+    build_page_lists,
+    folded_kv_views,
+    scoring_workspace_numel,
+    select_blocks_packed,
+)
+
+
+def choose_sparse_suffix(query_start_loc_cpu, seq_lens_cpu, *, min_sparse_tokens: int,
+                         block_size: int) -> int | None:
+    """First request of the batch's sparse suffix, or None if no request runs sparse.
+
+    A request qualifies if it is a prefill chunk of at least one block whose sequence
+    (context + chunk) reaches ``min_sparse_tokens``. vLLM's model runner V2 orders
+    decodes first and prefills by ascending query length, so long prefills form a suffix;
+    the sparse path takes the longest suffix of qualifying requests, and a qualifying
+    request that sits before a non-qualifying one (other batch orders) runs dense:
+    slower, never wrong.
+    """
+    qsl = [int(x) for x in query_start_loc_cpu]
+    lens = [int(x) for x in seq_lens_cpu]
+    first = len(lens)
+    while first > 0:
+        r = first - 1
+        if qsl[r + 1] - qsl[r] >= block_size and lens[r] >= min_sparse_tokens:
+            first = r
+        else:
+            break
+    return first if first < len(lens) else None
+
+
+@dataclass
+class SparseStep:
+    """What one scheduler step's sparse requests look like (shared by all layers)."""
+
+    plan: XAttnPlan  # on the device
+    block_table: torch.Tensor  # [R_sparse, max_pages] rows of the sparse requests
+    tok_start: int  # their query rows in the batch: [tok_start, tok_end)
+    tok_end: int
+    num_dense_reqs_qualifying: int = 0  # qualified but ran dense (batch order)
+
+
+class ScratchPool:
+    """Buffers of the sparse path, sized once from the scheduler limits.
+
+    Allocated the first time it is needed, which is vLLM's memory-profiling forward pass
+    (``attn_metadata is None``) when possible, so the profiler counts it and the KV cache
+    is sized around it. One pool per process and device: layers run one after another.
+    """
+
+    _pools: dict[tuple, "ScratchPool"] = {}
+
+    def __init__(self, *, max_tokens, max_reqs, max_seq_len, num_q_heads, head_dim, dtype,
+                 cfg: XAttnConfig, page_size: int, device):
+        B, S = cfg.block_size, cfg.stride
+        max_kb = math.ceil(max_seq_len / B)
+        # Every sparse request adds at most one partial block and has >= B query tokens.
+        max_rows = math.ceil(max_tokens / B) + min(max_reqs, max_tokens // B)
+        self.num_programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        bound = SimpleNamespace(  # the plan of the longest possible request
+            block_size=B, stride=S, block_m=XAttnPlan.DEFAULT_BLOCK_M,
+            block_n=XAttnPlan.DEFAULT_BLOCK_N,
+            max_key_tiles=math.ceil(math.ceil(max_seq_len / S) / XAttnPlan.DEFAULT_BLOCK_N) + 1)
+        self.scores = torch.empty(num_q_heads, max_rows, max_kb, dtype=torch.float32, device=device)
+        self.workspace = torch.empty(scoring_workspace_numel(bound, self.num_programs),
+                                     dtype=torch.float32, device=device)
+        self.page_table = torch.empty(num_q_heads * max_rows, max_kb * (B // page_size),
+                                      dtype=torch.int32, device=device)
+        self.q = torch.empty(max_tokens * num_q_heads * head_dim, dtype=dtype, device=device)
+        self.out = torch.empty_like(self.q)
+
+    @classmethod
+    def get(cls, **kw) -> "ScratchPool":
+        key = tuple(sorted((k, str(v)) for k, v in kw.items()))
+        if key not in cls._pools:
+            cls._pools[key] = cls(**kw)
+        return cls._pools[key]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size()
+                   for t in (self.scores, self.workspace, self.page_table, self.q, self.out))
+
+
+class SparsePrefill:
+    """XAttention for the sparse rows of one layer (the layer's impl owns one)."""
+
+    def __init__(self, cfg: XAttnConfig, *, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                 scale: float, thresholds: torch.Tensor | None):
+        self.cfg = cfg
+        self.hq, self.hkv, self.d, self.scale = num_q_heads, num_kv_heads, head_dim, scale
+        self.thresholds = thresholds  # [Hq] float32 on the device, or None (cfg.threshold)
+
+    def run(self, query: torch.Tensor, kv_cache: torch.Tensor, step: SparseStep,
+            output: torch.Tensor, pool: ScratchPool) -> torch.Tensor:
+        """Attention of ``query[tok_start:tok_end]`` into ``output`` rows; returns the number
+        of selected (head, query block, key block) triples as a device scalar."""
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+        cfg, plan = self.cfg, step.plan
+        q = query[step.tok_start:step.tok_end]
+        T = q.shape[0]
+        scores = pool.scores[:, : plan.total_q_blocks, : plan.max_kb]
+        a = antidiagonal_scores_paged(q, kv_cache, step.block_table, plan, out=scores,
+                                      workspace=pool.workspace, num_programs=pool.num_programs)
+        counts, ids, n_sel = select_blocks_packed(
+            a, plan, mode=cfg.selection,
+            threshold=self.thresholds if self.thresholds is not None else cfg.threshold,
+            topk=cfg.topk, ratio=cfg.ratio, granularity=cfg.granularity,
+            num_kv_heads=self.hkv)
+        lists = build_page_lists(counts, ids, step.block_table, kv_cache, plan,
+                                 granularity=cfg.granularity, num_kv_heads=self.hkv,
+                                 page_table=pool.page_table)
+        k_pages, v_pages, _ = folded_kv_views(kv_cache)
+        # Mini-requests are contiguous rows of a head-major query: (heads * T, group, D).
+        group = self.hq // self.hkv if cfg.granularity == "kv_group" else 1
+        heads = self.hq // group
+        q_hm = pool.q[: T * self.hq * self.d].view(heads, T, group, self.d)
+        q_hm.copy_(q.reshape(T, heads, group, self.d).transpose(0, 1))
+        o_hm = pool.out[: T * self.hq * self.d].view(heads, T, group, self.d)
+        flash_attn_varlen_func(
+            q=q_hm.view(heads * T, group, self.d), k=k_pages, v=v_pages,
+            cu_seqlens_q=lists.cu_seqlens_q, max_seqlen_q=lists.max_seqlen_q,
+            seqused_k=lists.seqused_k, max_seqlen_k=lists.max_seqlen_k,
+            softmax_scale=self.scale, causal=True, block_table=lists.page_table,
+            fa_version=3, out=o_hm.view(heads * T, group, self.d),
+        )
+        out = output[step.tok_start:step.tok_end].view(T, heads, group, self.d)
+        out.copy_(o_hm.transpose(0, 1))
+        return n_sel
