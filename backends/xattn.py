@@ -245,6 +245,8 @@ class XAttentionImpl(FlashAttentionImpl):
             if attn_metadata.dense is not None:  # rows [0, tok_start): stock FA
                 super().forward(layer, query, key, value, kv_cache, attn_metadata.dense, output,
                                 output_scale, output_block_scale)
+            logger.info_once("XATTN sparse prefill running (first step: %d requests, %d tokens)",
+                             sparse_step.plan.num_requests, sparse_step.plan.num_q_tokens)
             self._sparse.run(query, kv_cache, sparse_step,
                              output.view(-1, self.num_heads, self.head_size),
                              self._scratch(kv_cache, query.dtype))

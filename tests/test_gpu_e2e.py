@@ -96,6 +96,7 @@ def test_sparse_path_threshold_one_matches_flash_attn(tmp_path):
     xcfg = {"threshold": 1.0, "min_sparse_tokens": 4096}
     got, log = generate_in_subprocess(
         {**common, "attention_backend": "XATTN", "additional_config": {"xattn": xcfg}}, prompts, 16)
+    assert "XATTN sparse prefill running" in log, "the sparse path did not run"
     assert got == ref
     # and a real sparse selection runs end to end
     got9, _ = generate_in_subprocess(
