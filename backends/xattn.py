@@ -223,13 +223,13 @@ class XAttentionImpl(FlashAttentionImpl):
                                      num_kv_heads=self.num_kv_heads, head_dim=self.head_size,
                                      scale=self.scale, thresholds=thresholds)
 
-    def _scratch(self, kv_cache: torch.Tensor, dtype: torch.dtype) -> ScratchPool:
-        sched = self._vllm_config.scheduler_config
+    def _scratch(self, device: torch.device, dtype: torch.dtype) -> ScratchPool:
+        cfg = self._vllm_config
         return ScratchPool.get(
-            max_tokens=sched.max_num_batched_tokens, max_reqs=sched.max_num_seqs,
-            max_seq_len=self._vllm_config.model_config.max_model_len, num_q_heads=self.num_heads,
-            head_dim=self.head_size, dtype=dtype, cfg=self.xattn, page_size=kv_cache.shape[2],
-            device=kv_cache.device)
+            max_tokens=cfg.scheduler_config.max_num_batched_tokens,
+            max_reqs=cfg.scheduler_config.max_num_seqs, max_seq_len=cfg.model_config.max_model_len,
+            num_q_heads=self.num_heads, head_dim=self.head_size, dtype=dtype, cfg=self.xattn,
+            page_size=cfg.cache_config.block_size, device=device)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
@@ -237,19 +237,18 @@ class XAttentionImpl(FlashAttentionImpl):
             self._setup_layer(layer, query.device)
         sparse_step = getattr(attn_metadata, "sparse", None)
         if attn_metadata is None:
-            # Memory-profiling run: reserve the sparse path's scratch now so that vLLM
-            # counts it and sizes the KV cache around it.
-            if self._sparse is not None and kv_cache.numel() > 0:
-                self._scratch(kv_cache, query.dtype)
+            # Memory-profiling run (no KV cache yet): reserve the sparse path's scratch now
+            # so that vLLM counts it and sizes the KV cache around it.
+            if self._sparse is not None:
+                self._scratch(query.device, query.dtype)
         elif sparse_step is not None and self._sparse is not None:
             if attn_metadata.dense is not None:  # rows [0, tok_start): stock FA
                 super().forward(layer, query, key, value, kv_cache, attn_metadata.dense, output,
                                 output_scale, output_block_scale)
-            logger.info_once("XATTN sparse prefill running (first step: %d requests, %d tokens)",
-                             sparse_step.plan.num_requests, sparse_step.plan.num_q_tokens)
+            logger.info_once("XATTN sparse prefill running")
             self._sparse.run(query, kv_cache, sparse_step,
                              output.view(-1, self.num_heads, self.head_size),
-                             self._scratch(kv_cache, query.dtype))
+                             self._scratch(query.device, query.dtype))
             return output
         return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                output_scale, output_block_scale)

@@ -157,14 +157,17 @@ def _flat_sweep(
         q = tl.load(q_rows[:, None] - t * s_qt + d[None, :] * s_qd, mask=qmask[:, None], other=0.0)
         cols = kt * BLOCK_N + offs_n
         kpos = cols * S + t
+        # Page lookup every iteration (block_table rows hit L1). The pipeliner turns it into an
+        # indirect load one stage ahead of the Q/K loads; a per-tile lookup under scf.if would
+        # stop the K loads from being pipelined at all. Loop-carried nothing: all from `it`.
         if MASKED:
-            kmask = kpos < n
-            page = tl.load(bt_row + kpos // PAGE, mask=kmask, other=0).to(tl.int64)
-            k_ptrs = k_base + page * s_kp + (kpos % PAGE) * s_kn
-            k = tl.load(k_ptrs[None, :] + d[:, None] * s_kd, mask=kmask[None, :], other=0.0)  # K_t^T
+            pg = tl.load(bt_row + kpos // PAGE, mask=kpos < n, other=0).to(tl.int64)
         else:
-            page = tl.load(bt_row + kpos // PAGE).to(tl.int64)
-            k_ptrs = k_base + page * s_kp + (kpos % PAGE) * s_kn
+            pg = tl.load(bt_row + kpos // PAGE).to(tl.int64)
+        k_ptrs = k_base + pg * s_kp + (kpos % PAGE) * s_kn
+        if MASKED:
+            k = tl.load(k_ptrs[None, :] + d[:, None] * s_kd, mask=(kpos < n)[None, :], other=0.0)  # K_t^T
+        else:
             k = tl.load(k_ptrs[None, :] + d[:, None] * s_kd)
         if UPCAST:  # the interpreter's bf16 dot is broken; fp32 there is exact anyway
             q = q.to(tl.float32)
@@ -181,7 +184,10 @@ def _flat_sweep(
             psum = tl.sum(tl.reshape(p, (BLOCK_M, NB_T, BPS)), 2)  # per (row, key block), at m_new
             tl.store(scr_p + kt * (BLOCK_M * NB_T) + p_offs, psum)
             tl.store(scr_m + kt * BLOCK_M + tl.arange(0, BLOCK_M), m_new)
-            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            # Reset from a value computed in here, not a constant: `tl.zeros` makes the compiler
+            # hoist the reset into a select after the if, which keeps the old acc alive next to
+            # p (2 x BLOCK_M*BLOCK_N fp32) and ptxas serializes the wgmmas for lack of registers.
+            acc = p * 0.0
     return m_i, l_i
 
 
@@ -347,7 +353,9 @@ def antidiagonal_scores_paged(
     n_m = nprog * plan.max_key_tiles * plan.block_m
     scr_m, scr_p = workspace[:n_m], workspace[n_m:need]
     kw = {"num_warps": num_warps or (8 if plan.block_m * plan.block_n >= 128 * 64 else 4)}
-    kw["num_stages"] = num_stages or 4
+    # flat: the per-iteration page lookup is an indirect load that takes pipeline stages of its
+    # own; 7 gives the Q/K ring the 4 buffers that 4 stages give the nested kernel.
+    kw["num_stages"] = num_stages or (7 if variant == "flat" else 4)
     kernels[variant][(nprog,)](
         q, kv_cache, block_table, out, scr_p, scr_m, plan.tiles, plan.req_meta,
         n_work, hq, hq // hkv,
