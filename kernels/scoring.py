@@ -192,6 +192,49 @@ def _flat_sweep(
 
 
 @triton.jit
+def _nested_sweep(
+    q_rows, qrel, n_rel, k_base, bt_row, n, scr_p, scr_m, p_offs, rows, m_i, l_i, kt_lo, kt_hi, qk_scale,
+    s_qt, s_qd, s_kp, s_kn, s_kd,
+    S: tl.constexpr, ND: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BPS: tl.constexpr, NB_T: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Key tiles kt_lo..kt_hi-1 with causal and K-bounds masking, `_score_kernel`'s structure
+    (pipelined (t, D chunk) loop per tile, epilogue outside it). Used for the 1-2 diagonal
+    tiles of the flat kernel: a masked epilogue inside the flat loop needs per-element column
+    indices that, hoisted out of the loop, cost ptxas the registers to keep wgmma async."""
+    SND: tl.constexpr = S * ND
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    for kt in range(kt_lo, kt_hi):
+        cols = kt * BLOCK_N + offs_n
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for it in range(0, SND):
+            t = it // ND
+            d = (it % ND) * BLOCK_D + offs_d
+            qmask = (qrel >= t) & (qrel - t < n_rel)
+            q = tl.load(q_rows[:, None] - t * s_qt + d[None, :] * s_qd, mask=qmask[:, None], other=0.0)
+            kpos = cols * S + t
+            kmask = kpos < n
+            pg = tl.load(bt_row + kpos // PAGE, mask=kmask, other=0).to(tl.int64)
+            k_ptrs = k_base + pg * s_kp + (kpos % PAGE) * s_kn
+            k = tl.load(k_ptrs[None, :] + d[:, None] * s_kd, mask=kmask[None, :], other=0.0)  # K_t^T
+            if UPCAST:
+                q = q.to(tl.float32)
+                k = k.to(tl.float32)
+            acc = tl.dot(q, k.to(q.dtype), acc, input_precision=PREC)
+        acc = tl.where(cols[None, :] <= rows[:, None], acc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(acc, 1) * qk_scale)
+        p = tl.exp2(acc * qk_scale - m_new[:, None])
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(p, 1)
+        m_i = m_new
+        psum = tl.sum(tl.reshape(p, (BLOCK_M, NB_T, BPS)), 2)
+        tl.store(scr_p + kt * (BLOCK_M * NB_T) + p_offs, psum)
+        tl.store(scr_m + kt * BLOCK_M + tl.arange(0, BLOCK_M), m_new)
+    return m_i, l_i
+
+
+@triton.jit
 def _score_kernel_flat(
     q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_ptr,
     n_work, num_q_heads, group,
@@ -202,6 +245,7 @@ def _score_kernel_flat(
     max_kt, qk_scale,
     S: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, B: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    DIAG_FLAT: tl.constexpr = False,
 ):
     """Same work, scratch and outputs as `_score_kernel`; the key sweep is split into the
     tiles strictly below the diagonal (no causal / K-bounds masking) and the rest, each one
@@ -249,11 +293,18 @@ def _score_kernel_flat(
         )
         # Diagonal tiles: super-column n_full*BLOCK_N <= a0 is visible to every row, so m_i
         # is finite after the first of them even when n_full == 0.
-        m_i, l_i = _flat_sweep(
-            q_rows, qrel, n - ctx, k_base, bt_row, n, scr_p, scr_m, p_offs, rows, m_i, l_i, n_full, n_kt, qk_scale,
-            s_qt, s_qd, s_kp, s_kn, s_kd,
-            S, ND, BLOCK_D, PAGE, BLOCK_M, BLOCK_N, BPS, NB_T, PREC, UPCAST, True,
-        )
+        if DIAG_FLAT:
+            m_i, l_i = _flat_sweep(
+                q_rows, qrel, n - ctx, k_base, bt_row, n, scr_p, scr_m, p_offs, rows, m_i, l_i, n_full, n_kt,
+                qk_scale, s_qt, s_qd, s_kp, s_kn, s_kd,
+                S, ND, BLOCK_D, PAGE, BLOCK_M, BLOCK_N, BPS, NB_T, PREC, UPCAST, True,
+            )
+        else:
+            m_i, l_i = _nested_sweep(
+                q_rows, qrel, n - ctx, k_base, bt_row, n, scr_p, scr_m, p_offs, rows, m_i, l_i, n_full, n_kt,
+                qk_scale, s_qt, s_qd, s_kp, s_kn, s_kd,
+                S, ND, BLOCK_D, PAGE, BLOCK_M, BLOCK_N, BPS, NB_T, PREC, UPCAST,
+            )
         tl.debug_barrier()  # scratch written by other threads of this program
 
         row_ok = (rows >= ctx // S) & (rows <= a_last)
