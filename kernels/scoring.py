@@ -248,8 +248,9 @@ def _score_kernel_flat(
     DIAG_FLAT: tl.constexpr = False,
 ):
     """Same work, scratch and outputs as `_score_kernel`; the key sweep is split into the
-    tiles strictly below the diagonal (no causal / K-bounds masking) and the rest, each one
-    flat pipelined loop (`_flat_sweep`)."""
+    tiles strictly below the diagonal (no causal / K-bounds masking; one flat pipelined loop,
+    `_flat_sweep`) and the diagonal ones (`_nested_sweep`, or a second masked flat loop
+    with DIAG_FLAT)."""
     BPS: tl.constexpr = B // S  # super-tokens per block
     NB_T: tl.constexpr = BLOCK_N // BPS  # key blocks per key tile
     QB_T: tl.constexpr = BLOCK_M // BPS  # query blocks per work tile
@@ -368,8 +369,9 @@ def antidiagonal_scores_paged(
     num_programs: persistent grid size (default 2 x SMs). workspace: optional preallocated
     float32 scratch of ``scoring_workspace_numel(plan, num_programs)`` elements.
     variant: "nested" (key-tile loop around a pipelined (t, D chunk) loop, causal mask on every
-    tile) or "flat" (one pipelined loop over (key tile, t, D chunk), split into the tiles below
-    the diagonal, unmasked, and the diagonal ones). Same results up to float rounding.
+    tile) or "flat" (tiles strictly below the diagonal in ONE pipelined loop over (key tile, t,
+    D chunk) without masks; the 1-2 diagonal tiles per work item the nested way). Same results
+    up to float rounding. Flat defaults to num_stages=7 (see below).
     """
     kernels = {"nested": _score_kernel, "flat": _score_kernel_flat}
     if variant not in kernels:

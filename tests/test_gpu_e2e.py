@@ -1,6 +1,7 @@
 """End to end on a GPU: XATTN vs FLASH_ATTN through LLM.generate and `vllm serve`."""
 import json
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -104,3 +105,26 @@ def test_sparse_path_threshold_one_matches_flash_attn(tmp_path):
          "additional_config": {"xattn": {"threshold": 0.9, "min_sparse_tokens": 4096}}},
         prompts, 16)
     assert [len(t) for t in got9] == [16] * len(prompts)
+
+
+def _kv_cache_tokens(log: str) -> int:
+    return int(re.findall(r"GPU KV cache size: ([\d,]+) tokens", log)[-1].replace(",", ""))
+
+
+def test_kv_capacity_and_128k_prompt(tmp_path):
+    """Same gpu_memory_utilization: XATTN's KV-cache capacity within 3 % of FLASH_ATTN's
+    (its scratch is reserved in the profiling pass), and a 128K prompt at vLLM's default
+    max_num_batched_tokens runs sparse without running out of memory."""
+    model = write_llama_config(tmp_path / "llama")
+    prompts = _prompts([131000, 50], seed=2)
+    common = dict(model=str(model), load_format="dummy", skip_tokenizer_init=True,
+                  max_model_len=131072, gpu_memory_utilization=0.6, seed=0)
+    _, ref_log = generate_in_subprocess({**common, "attention_backend": "FLASH_ATTN"}, prompts[1:], 4)
+    got, log = generate_in_subprocess(
+        {**common, "attention_backend": "XATTN",
+         "additional_config": {"xattn": {"selection": "ratio", "ratio": 0.1}}}, prompts, 4)
+    assert "XATTN sparse prefill running" in log
+    assert [len(t) for t in got] == [4, 4]
+    ref_tokens, tokens = _kv_cache_tokens(ref_log), _kv_cache_tokens(log)
+    print(f"KV cache tokens: FLASH_ATTN {ref_tokens}, XATTN {tokens}")
+    assert tokens >= 0.97 * ref_tokens
