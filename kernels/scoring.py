@@ -131,201 +131,6 @@ def _score_kernel(
         tl.debug_barrier()  # before the next work item overwrites the scratch
 
 
-@triton.jit
-def _flat_sweep(
-    q_rows, qrel, n_rel, k_base, bt_row, n, scr_p, scr_m, p_offs, rows, m_i, l_i, kt_lo, kt_hi, qk_scale,
-    s_qt, s_qd, s_kp, s_kn, s_kd,
-    S: tl.constexpr, ND: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BPS: tl.constexpr, NB_T: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr,
-):
-    """Key tiles kt_lo..kt_hi-1 as ONE loop over (key tile, t, D chunk): the software pipeline
-    keeps Q/K loads in flight across key-tile boundaries; the softmax epilogue runs under an
-    scf.if on the last (t, D chunk) of each tile. Loads depend only on `it`, never on the
-    epilogue. MASKED: tiles that cross the causal diagonal or reach keys >= N (else neither
-    the causal mask nor the K bounds mask is applied)."""
-    SND: tl.constexpr = S * ND
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for it in range(kt_lo * SND, kt_hi * SND):
-        kt = it // SND
-        j = it % SND
-        t = j // ND
-        d = (j % ND) * BLOCK_D + offs_d
-        qmask = (qrel >= t) & (qrel - t < n_rel)  # query position in [ctx, N)
-        q = tl.load(q_rows[:, None] - t * s_qt + d[None, :] * s_qd, mask=qmask[:, None], other=0.0)
-        cols = kt * BLOCK_N + offs_n
-        kpos = cols * S + t
-        # Page lookup every iteration (block_table rows hit L1). The pipeliner turns it into an
-        # indirect load one stage ahead of the Q/K loads; a per-tile lookup under scf.if would
-        # stop the K loads from being pipelined at all. Loop-carried nothing: all from `it`.
-        if MASKED:
-            pg = tl.load(bt_row + kpos // PAGE, mask=kpos < n, other=0).to(tl.int64)
-        else:
-            pg = tl.load(bt_row + kpos // PAGE).to(tl.int64)
-        k_ptrs = k_base + pg * s_kp + (kpos % PAGE) * s_kn
-        if MASKED:
-            k = tl.load(k_ptrs[None, :] + d[:, None] * s_kd, mask=(kpos < n)[None, :], other=0.0)  # K_t^T
-        else:
-            k = tl.load(k_ptrs[None, :] + d[:, None] * s_kd)
-        if UPCAST:  # the interpreter's bf16 dot is broken; fp32 there is exact anyway
-            q = q.to(tl.float32)
-            k = k.to(tl.float32)
-        acc = tl.dot(q, k.to(q.dtype), acc, input_precision=PREC)
-        if j == SND - 1:  # last (t, D chunk) of key tile kt: online softmax epilogue
-            if MASKED:
-                acc = tl.where(cols[None, :] <= rows[:, None], acc, float("-inf"))
-            # qk_scale > 0: max(acc) * scale == max(acc * scale); exp2 of one FMA per element.
-            m_new = tl.maximum(m_i, tl.max(acc, 1) * qk_scale)
-            p = tl.exp2(acc * qk_scale - m_new[:, None])
-            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(p, 1)
-            m_i = m_new
-            psum = tl.sum(tl.reshape(p, (BLOCK_M, NB_T, BPS)), 2)  # per (row, key block), at m_new
-            tl.store(scr_p + kt * (BLOCK_M * NB_T) + p_offs, psum)
-            tl.store(scr_m + kt * BLOCK_M + tl.arange(0, BLOCK_M), m_new)
-            # Reset from a value computed in here, not a constant: `tl.zeros` makes the compiler
-            # hoist the reset into a select after the if, which keeps the old acc alive next to
-            # p (2 x BLOCK_M*BLOCK_N fp32) and ptxas serializes the wgmmas for lack of registers.
-            acc = p * 0.0
-    return m_i, l_i
-
-
-@triton.jit
-def _nested_sweep(
-    q_rows, qrel, n_rel, k_base, bt_row, n, scr_p, scr_m, p_offs, rows, m_i, l_i, kt_lo, kt_hi, qk_scale,
-    s_qt, s_qd, s_kp, s_kn, s_kd,
-    S: tl.constexpr, ND: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BPS: tl.constexpr, NB_T: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr,
-):
-    """Key tiles kt_lo..kt_hi-1 with causal and K-bounds masking, `_score_kernel`'s structure
-    (pipelined (t, D chunk) loop per tile, epilogue outside it). Used for the 1-2 diagonal
-    tiles of the flat kernel: a masked epilogue inside the flat loop needs per-element column
-    indices that, hoisted out of the loop, cost ptxas the registers to keep wgmma async."""
-    SND: tl.constexpr = S * ND
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    for kt in range(kt_lo, kt_hi):
-        cols = kt * BLOCK_N + offs_n
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for it in range(0, SND):
-            t = it // ND
-            d = (it % ND) * BLOCK_D + offs_d
-            qmask = (qrel >= t) & (qrel - t < n_rel)
-            q = tl.load(q_rows[:, None] - t * s_qt + d[None, :] * s_qd, mask=qmask[:, None], other=0.0)
-            kpos = cols * S + t
-            kmask = kpos < n
-            pg = tl.load(bt_row + kpos // PAGE, mask=kmask, other=0).to(tl.int64)
-            k_ptrs = k_base + pg * s_kp + (kpos % PAGE) * s_kn
-            k = tl.load(k_ptrs[None, :] + d[:, None] * s_kd, mask=kmask[None, :], other=0.0)  # K_t^T
-            if UPCAST:
-                q = q.to(tl.float32)
-                k = k.to(tl.float32)
-            acc = tl.dot(q, k.to(q.dtype), acc, input_precision=PREC)
-        acc = tl.where(cols[None, :] <= rows[:, None], acc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(acc, 1) * qk_scale)
-        p = tl.exp2(acc * qk_scale - m_new[:, None])
-        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(p, 1)
-        m_i = m_new
-        psum = tl.sum(tl.reshape(p, (BLOCK_M, NB_T, BPS)), 2)
-        tl.store(scr_p + kt * (BLOCK_M * NB_T) + p_offs, psum)
-        tl.store(scr_m + kt * BLOCK_M + tl.arange(0, BLOCK_M), m_new)
-    return m_i, l_i
-
-
-@triton.jit
-def _score_kernel_flat(
-    q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_ptr,
-    n_work, num_q_heads, group,
-    s_qt, s_qh, s_qd,
-    s_kp, s_kh, s_kn, s_kd,
-    s_bt,
-    s_ah, s_ar,
-    max_kt, qk_scale,
-    S: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, B: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-    DIAG_FLAT: tl.constexpr = False,
-):
-    """Same work, scratch and outputs as `_score_kernel`; the key sweep is split into the
-    tiles strictly below the diagonal (no causal / K-bounds masking; one flat pipelined loop,
-    `_flat_sweep`) and the diagonal ones (`_nested_sweep`, or a second masked flat loop
-    with DIAG_FLAT)."""
-    BPS: tl.constexpr = B // S  # super-tokens per block
-    NB_T: tl.constexpr = BLOCK_N // BPS  # key blocks per key tile
-    QB_T: tl.constexpr = BLOCK_M // BPS  # query blocks per work tile
-    ND: tl.constexpr = D // BLOCK_D
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_nb = tl.arange(0, NB_T)
-    scr_p = scr_p_ptr + pid.to(tl.int64) * max_kt * (BLOCK_M * NB_T)
-    scr_m = scr_m_ptr + pid.to(tl.int64) * max_kt * BLOCK_M
-    p_offs = offs_m[:, None] * NB_T + offs_nb[None, :]
-
-    for w in range(pid, n_work, nprog):
-        tile = w // num_q_heads  # heads innermost: neighbours share K in L2
-        h = w % num_q_heads
-        r = tl.load(tiles_ptr + 2 * tile)
-        a0 = tl.load(tiles_ptr + 2 * tile + 1)
-        q_start = tl.load(req_ptr + 5 * r)
-        ctx = tl.load(req_ptr + 5 * r + 1)
-        n = tl.load(req_ptr + 5 * r + 2)
-        qb0 = tl.load(req_ptr + 5 * r + 3)
-        qb_off = tl.load(req_ptr + 5 * r + 4)
-        hk = h // group
-        rows = a0 + offs_m  # absolute super-rows
-        a_last = (n - 1) // S
-        n_kt = tl.minimum(a0 + BLOCK_M - 1, a_last) // BLOCK_N + 1
-        # Tiles kt < n_full end before super-row a0: every column is visible to every row and
-        # their keys ((kt+1)*BLOCK_N*S <= a0*S <= N-1) all exist.
-        n_full = a0 // BLOCK_N
-        q_base = q_ptr + h.to(tl.int64) * s_qh
-        k_base = kv_ptr + hk.to(tl.int64) * s_kh
-        bt_row = bt_ptr + r.to(tl.int64) * s_bt
-        qrel = rows * S + (S - 1) - ctx  # Q_t row a is query position qrel - t + ctx
-        q_rows = q_base + (q_start + qrel).to(tl.int64) * s_qt
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        m_i, l_i = _flat_sweep(
-            q_rows, qrel, n - ctx, k_base, bt_row, n, scr_p, scr_m, p_offs, rows, m_i, l_i, 0, n_full, qk_scale,
-            s_qt, s_qd, s_kp, s_kn, s_kd,
-            S, ND, BLOCK_D, PAGE, BLOCK_M, BLOCK_N, BPS, NB_T, PREC, UPCAST, False,
-        )
-        # Diagonal tiles: super-column n_full*BLOCK_N <= a0 is visible to every row, so m_i
-        # is finite after the first of them even when n_full == 0.
-        if DIAG_FLAT:
-            m_i, l_i = _flat_sweep(
-                q_rows, qrel, n - ctx, k_base, bt_row, n, scr_p, scr_m, p_offs, rows, m_i, l_i, n_full, n_kt,
-                qk_scale, s_qt, s_qd, s_kp, s_kn, s_kd,
-                S, ND, BLOCK_D, PAGE, BLOCK_M, BLOCK_N, BPS, NB_T, PREC, UPCAST, True,
-            )
-        else:
-            m_i, l_i = _nested_sweep(
-                q_rows, qrel, n - ctx, k_base, bt_row, n, scr_p, scr_m, p_offs, rows, m_i, l_i, n_full, n_kt,
-                qk_scale, s_qt, s_qd, s_kp, s_kn, s_kd,
-                S, ND, BLOCK_D, PAGE, BLOCK_M, BLOCK_N, BPS, NB_T, PREC, UPCAST,
-            )
-        tl.debug_barrier()  # scratch written by other threads of this program
-
-        row_ok = (rows >= ctx // S) & (rows <= a_last)
-        inv_l = tl.where(row_ok, 1.0 / l_i, 0.0)
-        blk0 = a0 // BPS
-        qblk = blk0 + tl.arange(0, QB_T)
-        out_rows = qb_off + qblk - qb0
-        a_rows = a_ptr + h.to(tl.int64) * s_ah + out_rows.to(tl.int64)[:, None] * s_ar
-        rmask = qblk <= (n - 1) // B
-        n_kb = (n - 1) // B + 1
-        for kt in range(0, n_kt):
-            psum = tl.load(scr_p + kt * (BLOCK_M * NB_T) + p_offs)
-            m_t = tl.load(scr_m + kt * BLOCK_M + offs_m)
-            wgt = tl.exp2(m_t - m_i) * inv_l
-            blk = tl.sum(tl.reshape(psum * wgt[:, None], (QB_T, BPS, NB_T)), 1)
-            jcols = kt * NB_T + offs_nb
-            tl.store(a_rows + jcols[None, :], blk, mask=rmask[:, None] & (jcols < n_kb)[None, :])
-        tl.debug_barrier()  # before the next work item overwrites the scratch
-
-
 def scoring_workspace_numel(plan: XAttnPlan, num_programs: int) -> int:
     """float32 scratch elements: per program and key tile, BLOCK_M row maxima plus
     BLOCK_M x (key blocks per tile) partial sums. Independent of the number of heads."""
@@ -357,7 +162,6 @@ def antidiagonal_scores_paged(
     num_warps: int | None = None,
     num_stages: int | None = None,
     block_d: int | None = None,
-    variant: str = "nested",
 ) -> Tensor:
     """Block masses A, packed: float32 [Hq, plan.total_q_blocks, plan.max_kb].
 
@@ -368,14 +172,7 @@ def antidiagonal_scores_paged(
     columns j > i (and beyond the request's key blocks) are 0. No host synchronisation.
     num_programs: persistent grid size (default 2 x SMs). workspace: optional preallocated
     float32 scratch of ``scoring_workspace_numel(plan, num_programs)`` elements.
-    variant: "nested" (key-tile loop around a pipelined (t, D chunk) loop, causal mask on every
-    tile) or "flat" (tiles strictly below the diagonal in ONE pipelined loop over (key tile, t,
-    D chunk) without masks; the 1-2 diagonal tiles per work item the nested way). Same results
-    up to float rounding. Flat defaults to num_stages=7 (see below).
     """
-    kernels = {"nested": _score_kernel, "flat": _score_kernel_flat}
-    if variant not in kernels:
-        raise ValueError(f"variant must be one of {sorted(kernels)}, got {variant!r}")
     T, hq, d = q.shape
     num_pages, hkv, page, two_d = kv_cache.shape
     B, S = plan.block_size, plan.stride
@@ -406,10 +203,8 @@ def antidiagonal_scores_paged(
     n_m = nprog * plan.max_key_tiles * plan.block_m
     scr_m, scr_p = workspace[:n_m], workspace[n_m:need]
     kw = {"num_warps": num_warps or (8 if plan.block_m * plan.block_n >= 128 * 64 else 4)}
-    # flat: the per-iteration page lookup is an indirect load that takes pipeline stages of its
-    # own; 7 gives the Q/K ring the 4 buffers that 4 stages give the nested kernel.
-    kw["num_stages"] = num_stages or (7 if variant == "flat" else 4)
-    kernels[variant][(nprog,)](
+    kw["num_stages"] = num_stages or 4
+    _score_kernel[(nprog,)](
         q, kv_cache, block_table, out, scr_p, scr_m, plan.tiles, plan.req_meta,
         n_work, hq, hq // hkv,
         q.stride(0), q.stride(1), q.stride(2),

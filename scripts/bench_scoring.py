@@ -75,11 +75,12 @@ def check_against_reference(shape, seq_lens, query_lens, stride, threshold, log)
 # so the candidates below also halve the D chunk (more stages fit).
 # 128x256/8 warps/4 stages/D chunk 64 won that sweep (S=8: 1.33 ms, S=16: 0.68 ms at 32K,
 # from 1.75 / 0.98 ms) and is the kernel's default; the third sweep probes around it.
-# The third sweep (same file) left it first; the "flat" kernel variant (one pipelined loop
-# over the off-diagonal key tiles) is compared here.
-TUNE_CONFIGS = [  # (block_m, block_n, num_warps, num_stages, block_d, variant)
-    (128, 256, 8, 4, 64, "nested"), (128, 256, 8, 7, 64, "flat"), (128, 256, 8, 5, 64, "flat"),
-    (128, 128, 8, 7, 64, "flat"), (128, 128, 8, 4, 128, "flat"), (128, 128, 8, 6, 64, "flat"),
+# The third sweep (same file) left it first. A "flat" kernel (one pipelined loop over the
+# off-diagonal key tiles) measured 16-25 % slower (benchmarks/results/scoring_variants_h100.json:
+# ptxas serialises its wgmma for lack of registers) and was dropped.
+TUNE_CONFIGS = [  # (block_m, block_n, num_warps, num_stages, block_d)
+    (128, 256, 8, 4, 64), (128, 256, 8, 5, 64), (128, 256, 8, 4, 32), (128, 256, 8, 6, 32),
+    (64, 256, 4, 4, 64), (64, 256, 8, 4, 64), (128, 256, 16, 4, 64), (64, 512, 8, 3, 64),
 ]
 
 
@@ -88,19 +89,18 @@ def tune(shape, seq_len, stride, threshold, log):
     q, kv, bt, cu_q, sl = paged_inputs([seq_len], [seq_len], **dims)
     best = None
     results = []
-    for bm, bn, warps, stages, bd, variant in TUNE_CONFIGS:
+    for bm, bn, warps, stages, bd in TUNE_CONFIGS:
         try:
             plan = plan_prefill(cu_q, sl, block_size=128, stride=stride, block_m=bm, block_n=bn).to("cuda")
             scoring, _ = pipeline(q, kv, bt, plan, threshold=threshold, hkv=dims["num_kv_heads"],
-                                  tiles=dict(num_warps=warps, num_stages=stages, block_d=bd,
-                                             variant=variant))
+                                  tiles=dict(num_warps=warps, num_stages=stages, block_d=bd))
             ms = do_bench(scoring, warmup=5, rep=40)
         except Exception as e:  # out of shared memory / registers for this tile
-            log(f"tune {bm}x{bn} w{warps} s{stages} d{bd} {variant}: {type(e).__name__}")
+            log(f"tune {bm}x{bn} w{warps} s{stages} d{bd}: {type(e).__name__}")
             continue
         results.append(dict(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages,
-                            block_d=bd, variant=variant, ms=ms))
-        log(f"tune {shape} {seq_len} S={stride} {bm}x{bn} w{warps} s{stages} d{bd} {variant}: {ms:.3f} ms")
+                            block_d=bd, ms=ms))
+        log(f"tune {shape} {seq_len} S={stride} {bm}x{bn} w{warps} s{stages} d{bd}: {ms:.3f} ms")
         if best is None or ms < best["ms"]:
             best = results[-1]
     return best, results
@@ -155,7 +155,7 @@ def main():
             plan = plan_prefill(cu_q, sl, block_size=128, stride=stride,
                                 block_m=best.get("block_m"), block_n=best.get("block_n")).to("cuda")
             plan_ms = (time.perf_counter() - t0) * 1e3
-            launch = {k: best[k] for k in ("num_warps", "num_stages", "block_d", "variant") if k in best}
+            launch = {k: best[k] for k in ("num_warps", "num_stages", "block_d") if k in best}
             scoring, run = pipeline(q, kv, bt, plan, threshold=args.threshold,
                                     hkv=dims["num_kv_heads"], tiles=launch)
             lists, n_sel = run()

@@ -90,12 +90,9 @@ def pack(scores, plan):
     return A
 
 
-def kernel_scores(p, q=None, variant="nested"):
+def kernel_scores(p, q=None):
     q = p["q"] if q is None else q
-    return antidiagonal_scores_paged(q.to(p["dev"]), p["kv"], p["bt"], p["plan"], variant=variant)
-
-
-VARIANTS = ["nested", "flat"]
+    return antidiagonal_scores_paged(q.to(p["dev"]), p["kv"], p["bt"], p["plan"])
 
 
 def ref_scores(p):
@@ -137,11 +134,10 @@ def test_paged_cache_and_folded_views():
 # --------------------------------------------------------------------------- scoring
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("device,case", CASES)
-def test_scores_match_reference(device, case, variant):
+def test_scores_match_reference(device, case):
     p = make_problem(case, device)
-    A = kernel_scores(p, variant=variant)
+    A = kernel_scores(p)
     got = unpack_scores(A.cpu(), p["plan"])
     for a, r in zip(got, ref_scores(p)):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
@@ -151,9 +147,8 @@ def test_scores_match_reference(device, case, variant):
     assert (A.cpu()[:, j[None, :] > plan.row_block.cpu()[:, None]] == 0).all()
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("device", [d for d in DEVICES])
-def test_scores_strided_inputs(device, variant):
+def test_scores_strided_inputs(device):
     """q as a slice of a fused qkv tensor, cache in HND physical order."""
     case = CPU_CASES["gqa_ctx_b64_s4_p16"] if device == "cpu" else GPU_CASES["gqa_ctx_b128_s8_p16"]
     p = make_problem(case, device, seed=3)
@@ -163,18 +158,17 @@ def test_scores_strided_inputs(device, variant):
     q_view = fused.to(device)[:, :hq]
     assert not q_view.is_contiguous()
     p["kv"] = p["kv"].contiguous()  # HND: (num_pages, Hkv, page, 2D) contiguous
-    A = kernel_scores(p, q_view, variant=variant)
+    A = kernel_scores(p, q_view)
     for a, r in zip(unpack_scores(A.cpu(), p["plan"]), ref_scores(p)):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("device", DEVICES)
-def test_scores_half_inputs(device, dtype, variant):
+def test_scores_half_inputs(device, dtype):
     case = CPU_CASES["ctx_b64_s8_p64"] if device == "cpu" else GPU_CASES["gqa_b128_s16_p64"]
     p = make_problem(case, device, dtype=dtype, qscale=1.0)
-    A = kernel_scores(p, variant=variant)
+    A = kernel_scores(p)
     for a, r in zip(unpack_scores(A.cpu(), p["plan"]), ref_scores(p)):  # reference upcasts the same values
         torch.testing.assert_close(a, r, rtol=1e-3, atol=1e-4)
 
@@ -199,13 +193,12 @@ def random_case(seed, device):
     return (reqs, hq, hkv, d, B, S, page, bm, bn)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("device", DEVICES)
-def test_scores_random_shapes(device, seed, variant):
+def test_scores_random_shapes(device, seed):
     case = random_case(seed, device)
     p = make_problem(case, device, seed=seed)
-    for a, r in zip(unpack_scores(kernel_scores(p, variant=variant).cpu(), p["plan"]), ref_scores(p)):
+    for a, r in zip(unpack_scores(kernel_scores(p).cpu(), p["plan"]), ref_scores(p)):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5, msg=lambda m: f"{case}: {m}")
 
 
@@ -385,29 +378,3 @@ def test_page_lists_end_to_end(device, case, granularity):
         for m in range((h1 - h0) * tqb):
             n_pg = math.ceil(int(part.seqused_k[m]) / p["kv"].shape[2])
             assert torch.equal(part.page_table[m, :n_pg], lists.page_table[sl][m, :n_pg])
-
-
-# Cases with key tiles strictly below the diagonal (the flat kernel's unmasked loop) next to
-# diagonal tiles, including S > page (per-t page lookup), D chunks of 3, and B = 128.
-FLAT_CASES = {
-    "s32_p16_d48_full_tiles": ([(300, 1100)], 2, 1, 48, 64, 32, 16, 16, 16),
-    "gqa_b128_s8_p16_multi": ([(130, 900), (1, 300), (64, 64)], 4, 2, 16, 128, 8, 16, 16, 32),
-}
-
-
-@pytest.mark.parametrize("case", list(FLAT_CASES.values()), ids=list(FLAT_CASES))
-def test_scores_flat_matches_nested(case):
-    if not INTERPRET:
-        pytest.skip("CPU interpreter variant")
-    p = make_problem(case, "cpu", seed=5)
-    plan, S, bm, bn = p["plan"], case[5], case[7], case[8]
-    meta = plan.req_meta.tolist()
-    n_full = [a0 // bn for _, a0 in plan.tiles.tolist()]
-    n_kt = [min(a0 + bm - 1, (meta[r][2] - 1) // S) // bn + 1 for r, a0 in plan.tiles.tolist()]
-    assert max(n_full) > 0 and all(k > f for f, k in zip(n_full, n_kt))  # both loops run
-    flat, nested = kernel_scores(p, variant="flat"), kernel_scores(p, variant="nested")
-    torch.testing.assert_close(flat, nested, rtol=1e-5, atol=1e-6)
-    for a, r in zip(unpack_scores(flat, plan), ref_scores(p)):
-        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError):
-        antidiagonal_scores_paged(p["q"], p["kv"], p["bt"], plan, variant="bogus")
