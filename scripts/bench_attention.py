@@ -43,7 +43,7 @@ def main():
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 32768, 131072])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.05, 0.1, 0.2])
-    ap.add_argument("--thresholds", type=float, nargs="+", default=[0.9])
+    ap.add_argument("--thresholds", type=float, nargs="*", default=[0.9])
     ap.add_argument("--stride", type=int, default=8)
     args = ap.parse_args()
     out = Path(args.out)
