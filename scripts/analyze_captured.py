@@ -40,7 +40,7 @@ def analyze_layer(path, settings, dense_ms_cache, timing: bool):
     cu_q = torch.tensor([0, n], dtype=torch.int32)
     kv, bt = make_paged_cache(k, v, cu_q, 16, generator=torch.Generator().manual_seed(0))
     if "dense" not in dense_ms_cache and timing:
-        dense_ms_cache["dense"] = do_bench(dense_fa3(q, kv, bt, cu_q, torch.tensor([n])), rep=50)
+        dense_ms_cache["dense"] = do_bench(dense_fa3(q, kv, bt, cu_q, torch.tensor([n], dtype=torch.int32)), rep=50)
     recs = []
     for stride, tau in settings:
         plan = plan_prefill(cu_q, [n], block_size=128, stride=stride).to("cuda")
