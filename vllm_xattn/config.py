@@ -14,9 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 CONFIG_KEY = "xattn"
 
-# Provisional: the sparse path only pays once scoring (O(T*N/S)) is small next to
-# dense attention, i.e. for long sequences. To be replaced by the crossover
-# measured with scripts/bench_attention.py (issue 4).
+# Where the sparse path starts to beat dense FA3 per layer at the densities real text gives
+# (15-30 % of blocks): about 8K tokens for a Llama-3.1-8B layer, 12K-16K for a Qwen2.5-0.5B
+# layer (benchmarks/results/crossover_h100.json); 16K is past both.
 DEFAULT_MIN_SPARSE_TOKENS = 16384
 
 
