@@ -55,7 +55,16 @@ class SparseStep:
     block_table: torch.Tensor  # [R_sparse, max_pages] rows of the sparse requests
     tok_start: int  # their query rows in the batch: [tok_start, tok_end)
     tok_end: int
-    num_dense_reqs_qualifying: int = 0  # qualified but ran dense (batch order)
+    # Query offsets of the executor's mini-requests (head-major), per selection granularity;
+    # derived from the plan once per step instead of in every layer.
+    mini_cu_seqlens_q: torch.Tensor | None = None
+
+    @classmethod
+    def from_host_plan(cls, plan: XAttnPlan, *, block_table, tok_start: int, tok_end: int,
+                       selection_heads: int, device) -> "SparseStep":
+        cu = plan.mini_cu_seqlens_q(selection_heads).to(device, non_blocking=True)
+        return cls(plan=plan.to(device), block_table=block_table, tok_start=tok_start,
+                   tok_end=tok_end, mini_cu_seqlens_q=cu)
 
 
 class ScratchPool:
@@ -108,6 +117,12 @@ class SparsePrefill:
         self.hq, self.hkv, self.d, self.scale = num_q_heads, num_kv_heads, head_dim, scale
         self.thresholds = thresholds  # [Hq] float32 on the device, or None (cfg.threshold)
 
+    def _tau(self, device) -> torch.Tensor:
+        if self.thresholds is None:  # made once, not in every forward
+            self.thresholds = torch.full((self.hq,), self.cfg.threshold, dtype=torch.float32,
+                                         device=device)
+        return self.thresholds
+
     def run(self, query: torch.Tensor, kv_cache: torch.Tensor, step: SparseStep,
             output: torch.Tensor, pool: ScratchPool) -> torch.Tensor:
         """Attention of ``query[tok_start:tok_end]`` into ``output`` rows; returns the number
@@ -122,12 +137,12 @@ class SparsePrefill:
                                       workspace=pool.workspace, num_programs=pool.num_programs)
         counts, ids, n_sel = select_blocks_packed(
             a, plan, mode=cfg.selection,
-            threshold=self.thresholds if self.thresholds is not None else cfg.threshold,
+            threshold=self._tau(q.device),
             topk=cfg.topk, ratio=cfg.ratio, granularity=cfg.granularity,
             num_kv_heads=self.hkv)
         lists = build_page_lists(counts, ids, step.block_table, kv_cache, plan,
                                  granularity=cfg.granularity, num_kv_heads=self.hkv,
-                                 page_table=pool.page_table)
+                                 page_table=pool.page_table, cu_seqlens_q=step.mini_cu_seqlens_q)
         k_pages, v_pages, _ = folded_kv_views(kv_cache)
         # Mini-requests are contiguous rows of a head-major query: (heads * T, group, D).
         group = self.hq // self.hkv if cfg.granularity == "kv_group" else 1

@@ -140,9 +140,10 @@ class XAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
         full = super().build(common_prefix_len, cm, fast_build)
         plan = plan_prefill([x - qsl[first] for x in qsl[first:]], seq_lens[first:],
                             block_size=self.xattn.block_size, stride=self.xattn.stride)
-        step = SparseStep(plan=plan.to(self.device),
-                          block_table=cm.block_table_tensor[first : cm.num_reqs],
-                          tok_start=qsl[first], tok_end=qsl[-1])
+        step = SparseStep.from_host_plan(
+            plan, block_table=cm.block_table_tensor[first : cm.num_reqs], tok_start=qsl[first],
+            tok_end=qsl[-1], device=self.device,
+            selection_heads=self.num_heads_kv if self.xattn.granularity == "kv_group" else self.num_heads_q)
         return XAttentionMetadata(
             **{f.name: getattr(full, f.name) for f in dataclasses.fields(FlashAttentionMetadata)},
             dense=dense, sparse=step)

@@ -76,6 +76,7 @@ def build_page_lists(
     num_kv_heads: int | None = None,
     heads: tuple[int, int] | None = None,
     page_table: Tensor | None = None,
+    cu_seqlens_q: Tensor | None = None,
 ) -> PageLists:
     """counts [Hq, TQB] / ids [Hq, TQB, max_kb] from ``select_blocks_packed`` (for
     "kv_group" the group's repeated rows are read once), block_table int32 [R, max_pages] of
@@ -87,6 +88,9 @@ def build_page_lists(
     heads for "kv_group"), optionally into a reused ``page_table`` buffer; mini-request m of a
     chunk is (head h0 + m // TQB, row m % TQB) and its queries are rows ``h0*T : h1*T`` of the
     head-major query layout.
+    ``cu_seqlens_q``: the mini-requests' query offsets for all heads, precomputed once per
+    step (``plan.mini_cu_seqlens_q`` on the host plan, copied to the device); saves the small
+    device ops that derive it here in every layer.
     """
     hq, tqb, max_kb = ids.shape
     _, hkv, page, _ = kv_cache.shape
@@ -127,6 +131,8 @@ def build_page_lists(
         counts.stride(0), ids.stride(0), ids.stride(1), block_table.stride(0), page_table.stride(0),
         B=B, PAGE=page, BLOCK_S=64, num_warps=1,
     )
+    if cu_seqlens_q is not None and heads is None:
+        return PageLists(page_table, seqused_k, cu_seqlens_q, max_seqlen_q=B, max_seqlen_k=max_kb * B)
     # Mini-request query rows: head-major copies of the plan's block rows (device math, no sync).
     rs = plan.row_q_start
     t = plan.num_q_tokens

@@ -55,8 +55,10 @@ def main():
             q, kv, bt, cu_q, sl = paged_inputs([n], [n], **dims)
             dense_ms = do_bench(dense_fa3(q, kv, bt, cu_q, sl), warmup=3, rep=60)
             dense_fl = causal_flops([n], [n], hq, d)
-            plan = plan_prefill(cu_q, sl, block_size=128, stride=args.stride).to("cuda")
-            step = SparseStep(plan=plan, block_table=bt, tok_start=0, tok_end=n)
+            step = SparseStep.from_host_plan(
+                plan_prefill(cu_q, sl, block_size=128, stride=args.stride), block_table=bt,
+                tok_start=0, tok_end=n, selection_heads=hq, device="cuda")
+            plan = step.plan
             settings = [dict(selection="ratio", ratio=r) for r in args.ratios]
             settings += [dict(threshold=t) for t in args.thresholds]
             pool = None

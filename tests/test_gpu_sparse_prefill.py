@@ -35,8 +35,11 @@ def test_sparse_prefill_matches_reference(granularity, selection, hq, hkv, d, pa
     q = (2.0 * torch.randn(int(cu_q[-1]), hq, d, device=dev)).to(torch.bfloat16)
     kv_cache, bt = make_paged_cache(k, v, cu_k, page, num_pages_extra=5,
                                     generator=torch.Generator().manual_seed(1))
-    plan = plan_prefill(cu_q, n, block_size=cfg.block_size, stride=cfg.stride).to(dev)
-    step = SparseStep(plan=plan, block_table=bt, tok_start=0, tok_end=int(cu_q[-1]))
+    step = SparseStep.from_host_plan(
+        plan_prefill(cu_q, n, block_size=cfg.block_size, stride=cfg.stride), block_table=bt,
+        tok_start=0, tok_end=int(cu_q[-1]), device=dev,
+        selection_heads=hkv if granularity == "kv_group" else hq)
+    plan = step.plan
     pool = ScratchPool(max_tokens=int(cu_q[-1]), max_reqs=4, max_seq_len=max(n), num_q_heads=hq,
                        head_dim=d, dtype=q.dtype, cfg=cfg, page_size=page, device=torch.device(dev))
     sp = SparsePrefill(cfg, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, scale=d ** -0.5,
