@@ -19,6 +19,7 @@ from vllm_xattn.kernels import (
     antidiagonal_scores_paged,
     build_page_lists,
     folded_kv_views,
+    plan_prefill,
     scoring_workspace_numel,
     select_blocks_packed,
 )
@@ -45,6 +46,25 @@ def choose_sparse_suffix(query_start_loc_cpu, seq_lens_cpu, *, min_sparse_tokens
         else:
             break
     return first if first < len(lens) else None
+
+
+def plan_sparse_suffix(query_start_loc_cpu, seq_lens_cpu, cfg: XAttnConfig,
+                       **tiles) -> tuple[int, XAttnPlan] | None:
+    """The sparse suffix of a batch (its first request) and its host-side plan, or None.
+
+    ``query_start_loc_cpu`` [R+1] and ``seq_lens_cpu`` [R] are the batch's CPU copies; the
+    plan's query rows are relative to the suffix's first token. ``tiles`` (block_m/block_n)
+    override the scoring tiles (tests).
+    """
+    first = choose_sparse_suffix(query_start_loc_cpu, seq_lens_cpu,
+                                 min_sparse_tokens=cfg.min_sparse_tokens, block_size=cfg.block_size)
+    if first is None:
+        return None
+    qsl = [int(x) for x in query_start_loc_cpu]
+    plan = plan_prefill([x - qsl[first] for x in qsl[first:]],
+                        [int(x) for x in seq_lens_cpu][first:],
+                        block_size=cfg.block_size, stride=cfg.stride, **tiles)
+    return first, plan
 
 
 @dataclass

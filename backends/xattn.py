@@ -24,10 +24,9 @@ from vllm_xattn.backends.sparse_prefill import (
     ScratchPool,
     SparsePrefill,
     SparseStep,
-    choose_sparse_suffix,
+    plan_sparse_suffix,
 )
 from vllm_xattn.config import XAttnConfig, load_threshold_table, xattn_config_from_vllm
-from vllm_xattn.kernels import plan_prefill
 
 # Under the "vllm" logger so messages use vLLM's handlers and log level.
 logger = init_logger("vllm.xattn")
@@ -108,38 +107,33 @@ class XAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
                 'additional_config["xattn"]: executor "flashinfer" is not available yet; '
                 'allowed: "auto", "fa3"')
         logger.info_once("XATTN backend active: %s", str(self.xattn.model_dump(exclude_none=True)))
-        self._warned_order = False
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> FlashAttentionMetadata:
         cm = common_attn_metadata
-        first = None
+        split = None
         if (cm.causal is True and not fast_build and self.dcp_world_size == 1
                 and cm.seq_lens_cpu_upper_bound is not None and cm.max_query_len >= self.xattn.block_size
-                and self.block_size <= self.xattn.block_size
                 and self.xattn.block_size % self.block_size == 0):
             # CPU copies only: no device sync. Upper bounds are exact for prefill rows.
-            first = choose_sparse_suffix(
-                cm.query_start_loc_cpu[: cm.num_reqs + 1], cm.seq_lens_cpu_upper_bound[: cm.num_reqs],
-                min_sparse_tokens=self.xattn.min_sparse_tokens, block_size=self.xattn.block_size)
-        if first is None:
+            split = plan_sparse_suffix(cm.query_start_loc_cpu[: cm.num_reqs + 1],
+                                       cm.seq_lens_cpu_upper_bound[: cm.num_reqs], self.xattn)
+        if split is None:
             return super().build(common_prefix_len, cm, fast_build)
+        first, plan = split
         qsl = cm.query_start_loc_cpu[: cm.num_reqs + 1].tolist()
-        seq_lens = cm.seq_lens_cpu_upper_bound[: cm.num_reqs].tolist()
         dense = None
         if first > 0:
             sub = cm.unpadded(qsl[first], first)
             sub = dataclasses.replace(
                 sub, max_query_len=max(b - a for a, b in zip(qsl[:first], qsl[1 : first + 1])),
-                max_seq_len=max(seq_lens[:first]))
+                max_seq_len=int(cm.seq_lens_cpu_upper_bound[:first].max()))
             dense = super().build(0, sub, fast_build)
             if dense.scheduler_metadata is not None:
                 # A view of a buffer the next build() overwrites; these batches are never
                 # captured in full CUDA graphs, so a private copy is safe.
                 dense.scheduler_metadata = dense.scheduler_metadata.clone()
         full = super().build(common_prefix_len, cm, fast_build)
-        plan = plan_prefill([x - qsl[first] for x in qsl[first:]], seq_lens[first:],
-                            block_size=self.xattn.block_size, stride=self.xattn.stride)
         step = SparseStep.from_host_plan(
             plan, block_table=cm.block_table_tensor[first : cm.num_reqs], tok_start=qsl[first],
             tok_end=qsl[-1], device=self.device,
