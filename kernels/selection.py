@@ -15,7 +15,6 @@ diagonal LAST (entries past count undefined); the total selected (device int64 s
 
 from __future__ import annotations
 
-import math
 
 import torch
 import triton

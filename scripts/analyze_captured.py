@@ -19,7 +19,7 @@ import torch
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import dense_fa3, write_records  # noqa: E402
+from bench_common import dense_fa3, line_plot, write_records  # noqa: E402
 
 from vllm_xattn import reference as ref  # noqa: E402
 from vllm_xattn.backends.sparse_prefill import ScratchPool, SparsePrefill, SparseStep  # noqa: E402
@@ -121,22 +121,12 @@ def main():
 
 
 def plot(records, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for stride, tau in sorted({(r["stride"], r["threshold"]) for r in records}):
-        ys = [r["density"] for r in records if (r["stride"], r["threshold"]) == (stride, tau)]
-        ax.plot(range(len(ys)), ys, marker="o", ms=3, label=f"S={stride} tau={tau}")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("density (selected / causal blocks)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
+    settings = sorted({(r["stride"], r["threshold"]) for r in records})
+    series = {f"S={s} tau={t}": list(enumerate(r["density"] for r in records
+                                               if (r["stride"], r["threshold"]) == (s, t)))
+              for s, t in settings}
+    line_plot(path, series, xlabel="layer", ylabel="density (selected / causal blocks)",
+              log2_x=False)
 
 if __name__ == "__main__":
     main()

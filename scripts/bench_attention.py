@@ -18,7 +18,9 @@ import torch
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import SHAPES, causal_flops, dense_fa3, paged_inputs, write_records  # noqa: E402
+from bench_common import (  # noqa: E402
+    SHAPES, causal_flops, dense_fa3, line_plot, paged_inputs, write_records,
+)
 
 from vllm_xattn.backends.sparse_prefill import ScratchPool, SparsePrefill, SparseStep  # noqa: E402
 from vllm_xattn.config import XAttnConfig  # noqa: E402
@@ -121,27 +123,11 @@ def main():
 
 
 def plot(records, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for shape in SHAPES:
-        for ratio in sorted({r["ratio"] for r in records if r["ratio"]}):
-            pts = sorted((r["seq_len"], r["speedup"]) for r in records
-                         if r["shape"] == shape and r["ratio"] == ratio)
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=f"{shape} {int(ratio * 100)} %")
-    ax.axhline(1.0, c="gray", lw=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("sequence length")
-    ax.set_ylabel("speedup vs dense FA3 (per layer)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
+    series = {f"{shape} {int(ratio * 100)} %": [(r["seq_len"], r["speedup"]) for r in records
+                                               if r["shape"] == shape and r["ratio"] == ratio]
+              for shape in SHAPES for ratio in sorted({r["ratio"] for r in records if r["ratio"]})}
+    line_plot(path, series, xlabel="sequence length", ylabel="speedup vs dense FA3 (per layer)",
+              hlines=(1.0,))
 
 if __name__ == "__main__":
     main()

@@ -109,3 +109,27 @@ def write_records(path: Path, records: list[dict], command: str) -> None:
     path.write_text(json.dumps({"date": str(date.today()), "device": device_name(),
                                 "commit": commit(), "command": command,
                                 "records": records}, indent=1))
+
+
+def line_plot(path: Path, series: dict[str, list[tuple[float, float]]], *, xlabel: str,
+              ylabel: str, hlines: tuple[float, ...] = (), log2_x: bool = True) -> None:
+    """One PNG of labelled (x, y) series beside a results file (skipped without matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, pts in series.items():
+        if pts:
+            ax.plot(*zip(*sorted(pts)), marker="o", ms=3, label=label)
+    for y in hlines:
+        ax.axhline(y, ls="--", c="gray", lw=0.8)
+    if log2_x:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

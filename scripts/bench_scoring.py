@@ -18,7 +18,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (  # noqa: E402
-    SHAPES, contiguous_kv, dense_fa3, paged_inputs, write_records,
+    SHAPES, contiguous_kv, dense_fa3, line_plot, paged_inputs, write_records,
 )
 
 from vllm_xattn import reference as ref  # noqa: E402
@@ -189,28 +189,12 @@ def main():
 
 
 def plot(records, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for shape in SHAPES:
-        for stride in sorted({r["stride"] for r in records}):
-            pts = sorted((r["seq_len"], r["ratio"]) for r in records
-                         if r["shape"] == shape and r["stride"] == stride and r["batch"] == 1)
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=f"{shape} S={stride}")
-    ax.axhline(0.08, ls="--", c="gray", lw=0.8)
-    ax.axhline(0.05, ls=":", c="gray", lw=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("sequence length")
-    ax.set_ylabel("(scoring + selection + page lists) / dense FA3")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
+    series = {f"{shape} S={stride}": [(r["seq_len"], r["ratio"]) for r in records
+                                      if r["shape"] == shape and r["stride"] == stride
+                                      and r["batch"] == 1]
+              for shape in SHAPES for stride in sorted({r["stride"] for r in records})}
+    line_plot(path, series, xlabel="sequence length",
+              ylabel="(scoring + selection + page lists) / dense FA3", hlines=(0.08, 0.05))
 
 if __name__ == "__main__":
     main()
