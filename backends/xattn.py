@@ -102,10 +102,6 @@ class XAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config: VllmConfig, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.xattn: XAttnConfig = xattn_config_from_vllm(vllm_config)
-        if self.xattn.executor == "flashinfer":
-            raise ValueError(
-                'additional_config["xattn"]: executor "flashinfer" is not available yet; '
-                'allowed: "auto", "fa3"')
         logger.info_once("XATTN backend active: %s", str(self.xattn.model_dump(exclude_none=True)))
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
@@ -181,6 +177,7 @@ class XAttentionImpl(FlashAttentionImpl):
         self._vllm_config = vllm_config
         self._sparse: SparsePrefill | None = None  # set up at the first forward (needs the layer)
         self._layer_checked = False
+        self._pool: ScratchPool | None = None  # shared by all layers, see ScratchPool.get
 
     @property
     def may_run_sparse(self) -> bool:
@@ -219,12 +216,15 @@ class XAttentionImpl(FlashAttentionImpl):
                                      scale=self.scale, thresholds=thresholds)
 
     def _scratch(self, device: torch.device, dtype: torch.dtype) -> ScratchPool:
+        if self._pool is not None:
+            return self._pool
         cfg = self._vllm_config
-        return ScratchPool.get(
+        self._pool = ScratchPool.get(
             max_tokens=cfg.scheduler_config.max_num_batched_tokens,
             max_reqs=cfg.scheduler_config.max_num_seqs, max_seq_len=cfg.model_config.max_model_len,
             num_q_heads=self.num_heads, head_dim=self.head_size, dtype=dtype, cfg=self.xattn,
             page_size=cfg.cache_config.block_size, device=device)
+        return self._pool
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):

@@ -36,6 +36,7 @@ def test_defaults():
         ({"min_sparse_tokens": -1}, "min_sparse_tokens", "greater than or equal to 1"),
         ({"dense_layers": -2}, "dense_layers", "greater than or equal to 0"),
         ({"executor": "fa2"}, "executor", "'auto', 'fa3' or 'flashinfer'"),
+        ({"executor": "flashinfer"}, "flashinfer", 'not available yet; allowed: "auto", "fa3"'),
         ({"treshold": 0.9}, "treshold", "allowed keys: stride, threshold"),
     ],
 )
