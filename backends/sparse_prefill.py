@@ -101,9 +101,12 @@ class ScratchPool:
                  cfg: XAttnConfig, page_size: int, device):
         B, S = cfg.block_size, cfg.stride
         max_kb = math.ceil(max_seq_len / B)
-        # Every sparse request adds at most one partial block and has >= B query tokens.
-        max_rows = math.ceil(max_tokens / B) + min(max_reqs, max_tokens // B)
-        self.num_programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        # A chunk of Tq tokens starting anywhere touches at most Tq/B + 2 query blocks, and a
+        # sparse request has >= B query tokens, so at most max_tokens/B of them fit a step.
+        max_rows = math.ceil(max_tokens / B) + 2 * min(max_reqs, max_tokens // B)
+        device = torch.device(device)
+        self.num_programs = (2 * torch.cuda.get_device_properties(device).multi_processor_count
+                             if device.type == "cuda" else 4)
         bound = SimpleNamespace(  # the plan of the longest possible request
             block_size=B, stride=S, block_m=XAttnPlan.DEFAULT_BLOCK_M,
             block_n=XAttnPlan.DEFAULT_BLOCK_N,
@@ -122,6 +125,15 @@ class ScratchPool:
         if key not in cls._pools:
             cls._pools[key] = cls(**kw)
         return cls._pools[key]
+
+    def check_fits(self, plan: XAttnPlan, num_tokens: int, num_q_heads: int, head_dim: int) -> None:
+        """Host-side guard (no sync): a step beyond the bounds the pool was sized for is a bug."""
+        if (plan.total_q_blocks > self.scores.shape[1] or plan.max_kb > self.scores.shape[2]
+                or num_tokens * num_q_heads * head_dim > self.q.numel()):
+            raise RuntimeError(
+                f"XATTN scratch too small for this step ({plan.total_q_blocks} query blocks, "
+                f"{plan.max_kb} key blocks, {num_tokens} tokens); sized for "
+                f"{self.scores.shape[1]} / {self.scores.shape[2]} / {self.q.numel() // (num_q_heads * head_dim)}")
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size()
@@ -152,6 +164,7 @@ class SparsePrefill:
         cfg, plan = self.cfg, step.plan
         q = query[step.tok_start:step.tok_end]
         T = q.shape[0]
+        pool.check_fits(plan, T, self.hq, self.d)
         scores = pool.scores[:, : plan.total_q_blocks, : plan.max_kb]
         a = antidiagonal_scores_paged(q, kv_cache, step.block_table, plan, out=scores,
                                       workspace=pool.workspace, num_programs=pool.num_programs)

@@ -77,3 +77,26 @@ def test_split_and_page_lists_match_reference():
 def test_no_split_without_long_prefills():
     cfg = XAttnConfig(block_size=64, min_sparse_tokens=128)
     assert plan_sparse_suffix(torch.tensor([0, 1, 2, 42]), torch.tensor([300, 90, 40]), cfg) is None
+
+
+def test_scratch_bounds_hold_for_adversarial_batches():
+    """Many short, misaligned sparse chunks (each touching Tq/B + 2 query blocks) and one
+    long one must fit the pool sized from the scheduler limits."""
+    from vllm_xattn.backends.sparse_prefill import ScratchPool
+
+    cfg = XAttnConfig(block_size=64, stride=4, min_sparse_tokens=64)
+    max_tokens, max_reqs, max_len = 1024, 16, 4096
+    pool = ScratchPool(max_tokens=max_tokens, max_reqs=max_reqs, max_seq_len=max_len,
+                       num_q_heads=2, head_dim=16, dtype=torch.float32, cfg=cfg, page_size=16,
+                       device="cpu")
+    batches = [
+        ([66] * 15, [64 * (i + 1) + 63 + 66 for i in range(15)]),  # 15 chunks touching 3 blocks
+        ([1024], [4096]),
+        ([64] * 16, [64 * (i + 2) + 1 for i in range(16)]),
+    ]
+    for qlens, seqs in batches:
+        qsl = torch.tensor([0] + torch.tensor(qlens).cumsum(0).tolist())
+        _, plan = plan_sparse_suffix(qsl, torch.tensor(seqs), cfg)
+        pool.check_fits(plan, sum(qlens), 2, 16)
+        if qlens[0] == 66:
+            assert plan.total_q_blocks == 45  # really Tq/B + 2 blocks each
