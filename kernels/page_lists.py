@@ -32,7 +32,8 @@ class PageLists:
     max_seqlen_k: int
 
 
-@triton.jit
+# Per-step ints and strides are not specialised on: no recompiles for new batch shapes.
+@triton.jit(do_not_specialize=["tqb", "h_first", "s_ch", "s_ih", "s_ir"])
 def _page_list_kernel(
     cnt_ptr, ids_ptr, bt_ptr, row_req_ptr, row_last_len_ptr, req_ptr, pt_ptr, sk_ptr,
     tqb, spp, head_div, h_first,

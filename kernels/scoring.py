@@ -25,7 +25,9 @@ Tensor = torch.Tensor
 _LOG2E = 1.4426950408889634
 
 
-@triton.jit
+# Per-step ints (work count, key-tile bound) are not specialised on, so a new batch shape
+# never triggers a recompile mid-serving.
+@triton.jit(do_not_specialize=["n_work", "max_kt"])
 def _score_kernel(
     q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_ptr,
     n_work, num_q_heads, group,

@@ -26,7 +26,8 @@ Tensor = torch.Tensor
 _MODES = {"threshold": 0, "topk": 1, "ratio": 1}
 
 
-@triton.jit
+# Output strides change with the batch (rows x key blocks): not specialised on (no recompiles).
+@triton.jit(do_not_specialize=["s_ch", "s_ih", "s_ir"])
 def _select_kernel(
     a_ptr, row_block_ptr, tau_ptr, k_ptr, cnt_ptr, ids_ptr,
     s_ah, s_ar, s_ch, s_ih, s_ir,
