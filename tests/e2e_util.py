@@ -8,12 +8,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-ENV = {
-    **os.environ,
-    "VLLM_USE_FLASHINFER_SAMPLER": "0",  # avoids a ~2 min JIT build per engine start
-    "VLLM_NO_USAGE_STATS": "1",
-    "HF_HUB_OFFLINE": "1",
-}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from serve_util import ENV  # noqa: E402
 
 
 def write_llama_config(path: Path, **overrides) -> Path:
