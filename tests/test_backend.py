@@ -91,3 +91,87 @@ def test_sparse_suffix(query_lens, seq_lens, first):
     got = choose_sparse_suffix(torch.tensor(qsl), torch.tensor(seq_lens),
                                min_sparse_tokens=16384, block_size=128)
     assert got == first
+
+
+# ---------------------------------------------------------------- forward dispatch (CPU, mocked)
+import dataclasses  # noqa: E402
+
+from vllm.v1.attention.backends.flash_attn import FlashAttentionImpl, FlashAttentionMetadata  # noqa: E402
+
+from vllm_xattn.backends.xattn import XAttentionMetadata  # noqa: E402
+
+
+def _fa_metadata(**kw):
+    fields = {f.name: None for f in dataclasses.fields(FlashAttentionMetadata)
+              if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    fields.update(num_actual_tokens=10, max_query_len=10, max_seq_len=10, use_cascade=False,
+                  common_prefix_len=0)
+    fields.update(kw)
+    return FlashAttentionMetadata(**fields)
+
+
+class _Recorder:
+    def __init__(self):
+        self.calls = []
+
+
+@pytest.fixture
+def dispatch(monkeypatch):
+    rec = _Recorder()
+
+    def fake_fa_forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *a):
+        rec.calls.append(("fa", attn_metadata))
+        return output
+
+    monkeypatch.setattr(FlashAttentionImpl, "forward", fake_fa_forward)
+    impl = _impl()
+    impl._layer_checked = True  # skip the per-layer setup (needs a GPU layer)
+
+    class FakeSparse:
+        def run(self, query, kv_cache, step, output, pool):
+            rec.calls.append(("sparse", step, output.shape))
+
+    monkeypatch.setattr(type(impl), "_scratch", lambda self, device, dtype: rec.calls.append(("scratch",)))
+    return impl, FakeSparse(), rec
+
+
+def _args():
+    q = torch.zeros(10, 8, 64)
+    return dict(layer=None, query=q, key=q[:, :2], value=q[:, :2], kv_cache=torch.zeros(1),
+                output=torch.zeros(10, 8 * 64))
+
+
+def test_forward_sparse_step_runs_dense_prefix_then_sparse(dispatch):
+    impl, sparse, rec = dispatch
+    impl._sparse = sparse
+    dense, step = _fa_metadata(num_actual_tokens=4), object()
+    full = XAttentionMetadata(**dataclasses.asdict(_fa_metadata()), dense=dense, sparse=step)
+    impl.forward(attn_metadata=full, **_args())
+    assert rec.calls[0] == ("fa", dense)  # stock FA on the dense prefix, its own metadata
+    assert rec.calls[1] == ("scratch",)
+    assert rec.calls[2][0] == "sparse" and rec.calls[2][1] is step
+    assert rec.calls[2][2] == (10, 8, 64)  # output viewed per head
+    assert len(rec.calls) == 3
+
+
+def test_forward_all_sparse_skips_fa(dispatch):
+    impl, sparse, rec = dispatch
+    impl._sparse = sparse
+    full = XAttentionMetadata(**dataclasses.asdict(_fa_metadata()), dense=None, sparse=object())
+    impl.forward(attn_metadata=full, **_args())
+    assert [c[0] for c in rec.calls] == ["scratch", "sparse"]
+
+
+def test_forward_dense_only_layer_uses_full_batch_metadata(dispatch):
+    impl, _, rec = dispatch
+    impl._sparse = None  # e.g. sliding window, dense_layers, no FA3
+    full = XAttentionMetadata(**dataclasses.asdict(_fa_metadata()), dense=_fa_metadata(), sparse=object())
+    impl.forward(attn_metadata=full, **_args())
+    assert rec.calls == [("fa", full)]
+
+
+def test_forward_profiling_run_reserves_scratch(dispatch):
+    impl, sparse, rec = dispatch
+    impl._sparse = sparse
+    impl.forward(attn_metadata=None, **_args())
+    assert rec.calls == [("scratch",), ("fa", None)]
