@@ -1,0 +1,134 @@
+"""End-to-end speed through `vllm serve` + `vllm bench serve`: TTFT by prompt length, decode
+throughput and a mixed short/long serving run, FLASH_ATTN vs XATTN settings, same GPU.
+
+    # Llama-3.1-8B-shaped model with dummy weights (a tokenizer is copied in for the random
+    # dataset; vocab sized to it), densities fixed by ratio selection:
+    python scripts/bench_e2e.py --llama8b-dummy /tmp/llama8b --tokenizer-from QWEN_HF_DIR \
+        --lengths 8192 16384 32768 65536 131072 \
+        --settings dense '{"selection": "ratio", "ratio": 0.1}' '{"selection": "ratio", "ratio": 0.2}'
+    # the real Qwen2.5-0.5B, thresholds:
+    python scripts/bench_e2e.py --model QWEN_HF_DIR --lengths 8192 16384 32000 \
+        --settings dense '{}' '{"threshold": 0.95}'
+
+One server per setting (its kernels warmed up by a first request), one `vllm bench serve`
+client run per measurement; results in benchmarks/results/e2e_h100.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import write_records  # noqa: E402
+from serve_util import ENV, vllm_server  # noqa: E402
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "generation_config.json")
+
+
+def write_llama8b_dummy(path: Path, tokenizer_dir: Path) -> Path:
+    """Llama-3.1-8B layer shapes (32 layers, 32 q / 8 kv heads, d 128), dummy weights, with a
+    real tokenizer copied in (vocab sized to it) so that prompts can be text."""
+    path.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).exists():
+            shutil.copy(tokenizer_dir / name, path / name)
+    vocab = json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"]
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+           "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+           "num_key_value_heads": 8, "head_dim": 128, "vocab_size": vocab,
+           "max_position_embeddings": 131072 + 1024, "rms_norm_eps": 1e-5,
+           "rope_theta": 500000.0, "torch_dtype": "bfloat16", "tie_word_embeddings": False}
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+def bench_serve(url: str, model: str, *, input_len: int, output_len: int, num_prompts: int,
+                concurrency: int, range_ratio: float = 0.0) -> dict:
+    """One `vllm bench serve` run on the random dataset; returns its result JSON."""
+    with tempfile.TemporaryDirectory() as d:
+        cmd = ["vllm", "bench", "serve", "--base-url", url, "--model", model,
+               "--tokenizer", model, "--dataset-name", "random",
+               "--random-input-len", str(input_len), "--random-output-len", str(output_len),
+               "--random-range-ratio", str(range_ratio), "--num-prompts", str(num_prompts),
+               "--max-concurrency", str(concurrency), "--ignore-eos", "--seed", "0",
+               "--disable-tqdm", "--save-result", "--result-dir", d, "--result-filename", "r.json"]
+        subprocess.run(cmd, check=True, env=ENV, capture_output=True, text=True)
+        return json.loads((Path(d) / "r.json").read_text())
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="HF model folder (real weights)")
+    src.add_argument("--llama8b-dummy", help="folder to write the Llama-8B-shaped dummy model to")
+    ap.add_argument("--tokenizer-from", help="with --llama8b-dummy: HF folder whose tokenizer to copy")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768])
+    ap.add_argument("--settings", nargs="+", default=["dense", "{}"])
+    ap.add_argument("--prompts-per-length", type=int, default=3)
+    ap.add_argument("--out", default="benchmarks/results/e2e_h100.json")
+    ap.add_argument("--log-dir", default="/tmp/bench_e2e")
+    args = ap.parse_args()
+
+    dummy = args.llama8b_dummy is not None
+    model = str(write_llama8b_dummy(Path(args.llama8b_dummy), Path(args.tokenizer_from))) \
+        if dummy else args.model
+    name = "llama-3.1-8b-dummy" if dummy else Path(model).name
+    Path(args.log_dir).mkdir(parents=True, exist_ok=True)
+    max_len = max(args.lengths) + 512
+    measured = {}
+    for setting in args.settings:
+        server = ["--max-model-len", str(max_len), "--gpu-memory-utilization", "0.9"]
+        if dummy:
+            server += ["--load-format", "dummy"]
+        if setting == "dense":
+            server += ["--attention-backend", "FLASH_ATTN"]
+        else:
+            server += ["--attention-backend", "XATTN", "--additional-config",
+                       json.dumps({"xattn": json.loads(setting)})]
+        log = Path(args.log_dir) / f"serve-{len(measured)}.log"
+        res = {}
+        with vllm_server(model, server, log) as url:
+            bench_serve(url, model, input_len=max(args.lengths), output_len=1, num_prompts=1,
+                        concurrency=1)  # warm-up: Triton/FlashAttention JIT, allocator
+            for n in args.lengths:
+                r = bench_serve(url, model, input_len=n, output_len=1,
+                                num_prompts=args.prompts_per_length, concurrency=1)
+                res[n] = r["median_ttft_ms"]
+                print(f"{setting} {n}: TTFT {res[n]:.1f} ms", flush=True)
+            dec = bench_serve(url, model, input_len=1024, output_len=256, num_prompts=64,
+                              concurrency=32)
+            mixed = bench_serve(url, model, input_len=max(args.lengths) // 2, output_len=128,
+                                num_prompts=32, concurrency=16, range_ratio=0.95)
+        measured[setting] = dict(ttft=res, decode_tok_s=dec["output_throughput"],
+                                 mixed_mean_ttft_ms=mixed["mean_ttft_ms"],
+                                 mixed_tok_s=mixed["output_throughput"])
+
+    dense = measured.get("dense")
+    records = []
+    for setting, m in measured.items():
+        knobs = {} if setting == "dense" else json.loads(setting)
+        for n, ttft in m["ttft"].items():
+            rec = dict(model=name, setting=setting, prompt_len=n, ttft_ms=ttft,
+                       density=knobs.get("ratio") if knobs.get("selection") == "ratio" else None,
+                       decode_tok_s=m["decode_tok_s"], mixed_mean_ttft_ms=m["mixed_mean_ttft_ms"],
+                       mixed_tok_s=m["mixed_tok_s"])
+            if dense is not None:
+                rec.update(ttft_ms_dense=dense["ttft"][n], ttft_speedup=dense["ttft"][n] / ttft,
+                           decode_tok_s_dense=dense["decode_tok_s"])
+            records.append(rec)
+    write_records(Path(args.out), records, "python scripts/bench_e2e.py " + " ".join(sys.argv[1:]))
+    print("\n| setting | prompt | TTFT ms | dense ms | speedup |")
+    print("|---|---|---|---|---|")
+    for r in records:
+        print(f"| {r['setting']} | {r['prompt_len']} | {r['ttft_ms']:.1f} | "
+              f"{r.get('ttft_ms_dense', float('nan')):.1f} | {r.get('ttft_speedup', float('nan')):.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
