@@ -135,10 +135,6 @@ class ScratchPool:
                 f"{plan.max_kb} key blocks, {num_tokens} tokens); sized for "
                 f"{self.scores.shape[1]} / {self.scores.shape[2]} / {self.q.numel() // (num_q_heads * head_dim)}")
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size()
-                   for t in (self.scores, self.workspace, self.page_table, self.q, self.out))
-
 
 class SparsePrefill:
     """XAttention for the sparse rows of one layer (the layer's impl owns one)."""

@@ -2,7 +2,6 @@
 interpreter), against the reference: decodes and short prefills stay on the stock path, the
 long-prefill suffix is planned relative to its first token, and the page lists built from
 the batch's block-table rows reproduce the reference block-sparse attention."""
-import math
 import os
 
 import pytest
@@ -10,9 +9,10 @@ import torch
 
 from vllm_xattn.backends.sparse_prefill import SparseStep, plan_sparse_suffix
 from vllm_xattn.config import XAttnConfig
+from tests.test_kernels_interpret import attend_page_lists
 from vllm_xattn.kernels import (
-    antidiagonal_scores_paged, build_page_lists, folded_kv_views, make_paged_cache,
-    masks_from_selection, select_blocks_packed,
+    antidiagonal_scores_paged, build_page_lists, make_paged_cache, masks_from_selection,
+    select_blocks_packed,
 )
 from vllm_xattn.reference import block_sparse_attention
 
@@ -57,20 +57,10 @@ def test_split_and_page_lists_match_reference():
     k_sp, v_sp = k[int(cu_k[first]):], v[int(cu_k[first]):]
     want = block_sparse_attention(q_sp, k_sp, v_sp, sub_q, sub_k, masks, block_size=cfg.block_size)
 
-    # Execute the page lists the way FA3 does (bottom-right causal per mini-request).
-    kf, vf, _ = folded_kv_views(kv.cpu())
-    pt, sk, cu = lists.page_table.cpu(), lists.seqused_k.cpu(), lists.cu_seqlens_q.cpu()
-    q_hm = q_sp.transpose(0, 1).reshape(-1, d)  # head-major rows, as the executor sees them
-    out = torch.zeros_like(q_hm)
-    for m in range(len(sk)):
-        n_k, q0, q1 = int(sk[m]), int(cu[m]), int(cu[m + 1])
-        pages = pt[m, : math.ceil(n_k / page)].long()
-        kk, vv = kf[pages].reshape(-1, d)[:n_k], vf[pages].reshape(-1, d)[:n_k]
-        s = q_hm[q0:q1] @ kk.T / math.sqrt(d)
-        lq = q1 - q0
-        allowed = torch.arange(n_k)[None, :] <= (n_k - lq + torch.arange(lq))[:, None]
-        out[q0:q1] = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1) @ vv
-    got = out.view(hq, -1, d).transpose(0, 1)
+    # Execute the page lists the way FA3 does (bottom-right causal per mini-request) on
+    # the head-major query rows the executor sees.
+    q_hm = q_sp.transpose(0, 1).reshape(-1, 1, d)
+    got = attend_page_lists({"kv": kv}, lists, q_hm, 1).view(hq, -1, d).transpose(0, 1)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
