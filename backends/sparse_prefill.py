@@ -78,13 +78,16 @@ class SparseStep:
     # Query offsets of the executor's mini-requests (head-major), per selection granularity;
     # derived from the plan once per step instead of in every layer.
     mini_cu_seqlens_q: torch.Tensor | None = None
+    # Causal (query block, key block) pairs per head: the denominator of the density.
+    candidate_blocks: int = 0
 
     @classmethod
     def from_host_plan(cls, plan: XAttnPlan, *, block_table, tok_start: int, tok_end: int,
                        selection_heads: int, device) -> "SparseStep":
         cu = plan.mini_cu_seqlens_q(selection_heads).to(device, non_blocking=True)
         return cls(plan=plan.to(device), block_table=block_table, tok_start=tok_start,
-                   tok_end=tok_end, mini_cu_seqlens_q=cu)
+                   tok_end=tok_end, mini_cu_seqlens_q=cu,
+                   candidate_blocks=int((plan.row_block.to(torch.int64) + 1).sum()))
 
 
 class ScratchPool:

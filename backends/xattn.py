@@ -20,6 +20,7 @@ from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionMetadataBuilder,
 )
 
+from vllm_xattn.backends.density_log import density_log
 from vllm_xattn.backends.sparse_prefill import (
     ScratchPool,
     SparsePrefill,
@@ -107,6 +108,8 @@ class XAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> FlashAttentionMetadata:
         cm = common_attn_metadata
+        if (log := density_log()) is not None:
+            log.flush()  # the previous step's layers are done (one sync per step, opt-in)
         split = None
         if (cm.causal is True and not fast_build and self.dcp_world_size == 1
                 and cm.seq_lens_cpu_upper_bound is not None and cm.max_query_len >= self.xattn.block_size
@@ -177,6 +180,7 @@ class XAttentionImpl(FlashAttentionImpl):
         self._vllm_config = vllm_config
         self._sparse: SparsePrefill | None = None  # set up at the first forward (needs the layer)
         self._layer_checked = False
+        self._layer_index: int | None = None
         self._pool: ScratchPool | None = None  # shared by all layers, see ScratchPool.get
 
     @property
@@ -194,6 +198,7 @@ class XAttentionImpl(FlashAttentionImpl):
             index = extract_layer_index(layer.layer_name)
         except Exception:
             index = None
+        self._layer_index = index
         if index is not None and index < self.xattn.dense_layers:
             self.dense_reasons.append(f"layer {index} < dense_layers")
             return
@@ -241,9 +246,13 @@ class XAttentionImpl(FlashAttentionImpl):
                 super().forward(layer, query, key, value, kv_cache, attn_metadata.dense, output,
                                 output_scale, output_block_scale)
             logger.info_once("XATTN sparse prefill running")
-            self._sparse.run(query, kv_cache, sparse_step,
-                             output.view(-1, self.num_heads, self.head_size),
-                             self._scratch(query.device, query.dtype))
+            n_sel = self._sparse.run(query, kv_cache, sparse_step,
+                                     output.view(-1, self.num_heads, self.head_size),
+                                     self._scratch(query.device, query.dtype))
+            if (log := density_log()) is not None:
+                log.record(self._layer_index if self._layer_index is not None else -1,
+                           sparse_step.tok_end - sparse_step.tok_start, n_sel,
+                           self.num_heads * sparse_step.candidate_blocks)
             return output
         return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                output_scale, output_block_scale)

@@ -16,6 +16,7 @@ client run per measurement; results in benchmarks/results/e2e_h100.json.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import subprocess
@@ -24,21 +25,25 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import write_records  # noqa: E402
-from serve_util import ENV, vllm_server  # noqa: E402
+from bench_common import line_plot, write_records  # noqa: E402
+from serve_util import ENV, measured_density, vllm_server  # noqa: E402
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                   "special_tokens_map.json", "generation_config.json")
+from vllm_xattn.backends.density_log import ENV_VAR, read_density  # noqa: E402
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "vocab.json",
+                   "merges.txt", "special_tokens_map.json")
 
 
 def write_llama8b_dummy(path: Path, tokenizer_dir: Path) -> Path:
     """Llama-3.1-8B layer shapes (32 layers, 32 q / 8 kv heads, d 128), dummy weights, with a
     real tokenizer copied in (vocab sized to it) so that prompts can be text."""
+    from transformers import AutoTokenizer
+
     path.mkdir(parents=True, exist_ok=True)
     for name in TOKENIZER_FILES:
         if (tokenizer_dir / name).exists():
             shutil.copy(tokenizer_dir / name, path / name)
-    vocab = json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"]
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
     cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
            "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
            "num_key_value_heads": 8, "head_dim": 128, "vocab_size": vocab,
@@ -62,28 +67,82 @@ def bench_serve(url: str, model: str, *, input_len: int, output_len: int, num_pr
         return json.loads((Path(d) / "r.json").read_text())
 
 
+def measure_setting(model: str, setting: str, server: list[str], args, log_dir: Path) -> dict:
+    """TTFT per length (+ measured density), decode and mixed serving for one server setting."""
+    tag = hashlib.sha1(setting.encode()).hexdigest()[:8]
+    density_dir = log_dir / f"density-{tag}"
+    shutil.rmtree(density_dir, ignore_errors=True)
+    res, dens = {}, {}
+    with vllm_server(model, server, log_dir / f"serve-{tag}.log",
+                     env={ENV_VAR: str(density_dir)}) as url:
+        bench_serve(url, model, input_len=max(args.lengths), output_len=1, num_prompts=1,
+                    concurrency=1)  # warm-up: Triton/FlashAttention JIT, allocator
+        _, totals = measured_density(url, model, density_dir, read_density(density_dir))
+        for n in args.lengths:
+            r = bench_serve(url, model, input_len=n, output_len=1, concurrency=1,
+                            num_prompts=args.short_prompts if n < 8192 else args.prompts_per_length)
+            res[n] = r["median_ttft_ms"]
+            dens[n], totals = measured_density(url, model, density_dir, totals)
+            print(f"{setting} {n}: TTFT {res[n]:.1f} ms, density {dens[n]}", flush=True)
+        per_layer = read_density(density_dir)["per_layer"]
+        dec = bench_serve(url, model, input_len=1024, output_len=256, num_prompts=64,
+                          concurrency=32)
+        mixed = bench_serve(url, model, input_len=max(args.lengths) // 4, output_len=128,
+                            num_prompts=16, concurrency=8, range_ratio=0.9)
+    return dict(ttft=res, density=dens, density_per_layer=per_layer,
+                decode_tok_s=dec["output_throughput"], decode_tpot_ms=dec["median_tpot_ms"],
+                mixed_mean_ttft_ms=mixed["mean_ttft_ms"], mixed_tok_s=mixed["output_throughput"])
+
+
+def to_records(name: str, measured: dict) -> list[dict]:
+    dense = measured.get("dense")
+    records = []
+    for setting, m in measured.items():
+        knobs = {} if setting == "dense" else json.loads(setting)
+        for n, ttft in m["ttft"].items():
+            d = m["density"].get(n)
+            rec = dict(model=name, setting=setting, knobs=knobs, prompt_len=int(n), ttft_ms=ttft,
+                       # dense computes every causal block; XATTN below min_sparse_tokens too
+                       density=1.0 if setting == "dense" or d is None else d,
+                       decode_tok_s=m["decode_tok_s"], decode_tpot_ms=m["decode_tpot_ms"],
+                       mixed_mean_ttft_ms=m["mixed_mean_ttft_ms"], mixed_tok_s=m["mixed_tok_s"])
+            if dense is not None:
+                rec.update(ttft_ms_dense=dense["ttft"][n], ttft_speedup=dense["ttft"][n] / ttft,
+                           decode_tok_s_dense=dense["decode_tok_s"],
+                           decode_tpot_ms_dense=dense["decode_tpot_ms"],
+                           mixed_mean_ttft_ms_dense=dense["mixed_mean_ttft_ms"])
+            records.append(rec)
+    return records
+
+
 def main():
     ap = argparse.ArgumentParser()
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="HF model folder (real weights)")
     src.add_argument("--llama8b-dummy", help="folder to write the Llama-8B-shaped dummy model to")
     ap.add_argument("--tokenizer-from", help="with --llama8b-dummy: HF folder whose tokenizer to copy")
-    ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192, 16384, 32768])
     ap.add_argument("--settings", nargs="+", default=["dense", "{}"])
     ap.add_argument("--prompts-per-length", type=int, default=3)
+    ap.add_argument("--short-prompts", type=int, default=10, help="prompts per length under 8K")
     ap.add_argument("--out", default="benchmarks/results/e2e_h100.json")
-    ap.add_argument("--log-dir", default="/tmp/bench_e2e")
+    ap.add_argument("--log-dir", default="/tmp/bench_e2e",
+                    help="server logs and measured.json: settings measured there are not rerun, "
+                         "so one setting per invocation works (device time limits)")
     args = ap.parse_args()
 
     dummy = args.llama8b_dummy is not None
     model = str(write_llama8b_dummy(Path(args.llama8b_dummy), Path(args.tokenizer_from))) \
         if dummy else args.model
     name = "llama-3.1-8b-dummy" if dummy else Path(model).name
-    Path(args.log_dir).mkdir(parents=True, exist_ok=True)
-    max_len = max(args.lengths) + 512
-    measured = {}
+    log_dir = Path(args.log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    state_path = log_dir / f"measured-{name}.json"
+    measured = json.loads(state_path.read_text()) if state_path.exists() else {}
     for setting in args.settings:
-        server = ["--max-model-len", str(max_len), "--gpu-memory-utilization", "0.9"]
+        if setting in measured:
+            continue
+        server = ["--max-model-len", str(max(args.lengths) + 512), "--gpu-memory-utilization", "0.9"]
         if dummy:
             server += ["--load-format", "dummy"]
         if setting == "dense":
@@ -91,43 +150,27 @@ def main():
         else:
             server += ["--attention-backend", "XATTN", "--additional-config",
                        json.dumps({"xattn": json.loads(setting)})]
-        log = Path(args.log_dir) / f"serve-{len(measured)}.log"
-        res = {}
-        with vllm_server(model, server, log) as url:
-            bench_serve(url, model, input_len=max(args.lengths), output_len=1, num_prompts=1,
-                        concurrency=1)  # warm-up: Triton/FlashAttention JIT, allocator
-            for n in args.lengths:
-                r = bench_serve(url, model, input_len=n, output_len=1,
-                                num_prompts=args.prompts_per_length, concurrency=1)
-                res[n] = r["median_ttft_ms"]
-                print(f"{setting} {n}: TTFT {res[n]:.1f} ms", flush=True)
-            dec = bench_serve(url, model, input_len=1024, output_len=256, num_prompts=64,
-                              concurrency=32)
-            mixed = bench_serve(url, model, input_len=max(args.lengths) // 2, output_len=128,
-                                num_prompts=32, concurrency=16, range_ratio=0.95)
-        measured[setting] = dict(ttft=res, decode_tok_s=dec["output_throughput"],
-                                 mixed_mean_ttft_ms=mixed["mean_ttft_ms"],
-                                 mixed_tok_s=mixed["output_throughput"])
+        # Through JSON so that fresh and resumed results both key lengths by str.
+        measured[setting] = json.loads(json.dumps(measure_setting(model, setting, server, args, log_dir)))
+        state_path.write_text(json.dumps(measured))
 
-    dense = measured.get("dense")
-    records = []
-    for setting, m in measured.items():
-        knobs = {} if setting == "dense" else json.loads(setting)
-        for n, ttft in m["ttft"].items():
-            rec = dict(model=name, setting=setting, prompt_len=n, ttft_ms=ttft,
-                       density=knobs.get("ratio") if knobs.get("selection") == "ratio" else None,
-                       decode_tok_s=m["decode_tok_s"], mixed_mean_ttft_ms=m["mixed_mean_ttft_ms"],
-                       mixed_tok_s=m["mixed_tok_s"])
-            if dense is not None:
-                rec.update(ttft_ms_dense=dense["ttft"][n], ttft_speedup=dense["ttft"][n] / ttft,
-                           decode_tok_s_dense=dense["decode_tok_s"])
-            records.append(rec)
-    write_records(Path(args.out), records, "python scripts/bench_e2e.py " + " ".join(sys.argv[1:]))
-    print("\n| setting | prompt | TTFT ms | dense ms | speedup |")
-    print("|---|---|---|---|---|")
+    out = Path(args.out)
+    old = json.loads(out.read_text()).get("records", []) if out.exists() else []
+    records = [r for r in old if r.get("model") != name] + to_records(name, measured)
+    write_records(out, records, "python scripts/bench_e2e.py " + " ".join(sys.argv[1:]))
+    series = {}
     for r in records:
-        print(f"| {r['setting']} | {r['prompt_len']} | {r['ttft_ms']:.1f} | "
-              f"{r.get('ttft_ms_dense', float('nan')):.1f} | {r.get('ttft_speedup', float('nan')):.2f}x |")
+        series.setdefault(f"{r['model']} {r['setting']}", []).append((r["prompt_len"], r["ttft_ms"] / 1000))
+    line_plot(out.with_suffix(".png"), series, xlabel="prompt tokens", ylabel="TTFT (s)")
+    print("\n| model | setting | prompt | density | TTFT ms | dense ms | speedup |")
+    print("|---|---|---|---|---|---|---|")
+    for r in records:
+        if r["model"] == name:
+            print(f"| {name} | {r['setting']} | {r['prompt_len']} | {r['density']:.3f} | {r['ttft_ms']:.1f} | "
+                  f"{r.get('ttft_ms_dense', float('nan')):.1f} | {r.get('ttft_speedup', float('nan')):.2f}x |")
+    for setting, m in measured.items():
+        print(f"{setting}: decode {m['decode_tok_s']:.0f} tok/s (TPOT {m['decode_tpot_ms']:.2f} ms), "
+              f"mixed mean TTFT {m['mixed_mean_ttft_ms']:.0f} ms")
 
 
 if __name__ == "__main__":

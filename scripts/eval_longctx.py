@@ -8,20 +8,24 @@ depths x needles, /v1/chat/completions, greedy), multi-key retrieval (several ne
 asked), and next-token agreement with the dense run on real text windows (/v1/completions
 with prompt_logprobs: top-1 agreement and mean |delta logprob| of the prompt tokens).
 Requests go out concurrently, so the server batches them (continuous batching, mixed
-prefill / decode). Density per setting comes from scripts/analyze_captured.py.
+prefill / decode). The density is the one the server's sparse layers really ran at
+(XATTN_DENSITY_LOG), over all probes of the setting, overall and per layer.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import write_records  # noqa: E402
+from bench_common import line_plot, write_records  # noqa: E402
 from longctx_tasks import build_probes, is_correct  # noqa: E402
-from serve_util import post, vllm_server  # noqa: E402
+from serve_util import measured_density, post, vllm_server  # noqa: E402
+
+from vllm_xattn.backends.density_log import ENV_VAR, read_density  # noqa: E402
 
 
 def parse_setting(text: str) -> dict:
@@ -97,11 +101,16 @@ def main():
         server_args = [*backend, "--max-model-len", str(args.max_model_len),
                        "--gpu-memory-utilization", "0.85"]
         log = Path(args.log_dir) / f"serve-{len(results)}.log"
-        with vllm_server(args.model, server_args, log) as url:
+        density_dir = Path(args.log_dir) / f"density-{len(results)}"
+        shutil.rmtree(density_dir, ignore_errors=True)
+        with vllm_server(args.model, server_args, log, env={ENV_VAR: str(density_dir)}) as url:
             ok = run_needles(url, args.model, probes, args.workers)
+            density, _ = measured_density(url, args.model, density_dir,
+                                          dict(selected=0, candidates=0))
             lp = run_prompt_logprobs(url, args.model, windows, args.workers)
-        results[name] = dict(knobs=knobs, ok=ok, logprobs=lp)
-        print(f"{name}: needle acc {sum(ok) / len(ok):.3f}", flush=True)
+        per_layer = read_density(density_dir)["per_layer"]
+        results[name] = dict(knobs=knobs, ok=ok, logprobs=lp, density=density, per_layer=per_layer)
+        print(f"{name}: needle acc {sum(ok) / len(ok):.3f}, density {density}", flush=True)
 
     dense = results.get("dense")
     records = []
@@ -109,6 +118,8 @@ def main():
         single = [o for o, p in zip(res["ok"], probes) if p.keys == 1]
         multi = [o for o, p in zip(res["ok"], probes) if p.keys > 1]
         rec = dict(setting=name, knobs=res["knobs"], default=name == "{}",
+                   density=1.0 if name == "dense" else res["density"],
+                   density_per_layer=res["per_layer"],
                    needle_acc=100.0 * sum(single) / len(single),
                    multikey_acc=100.0 * sum(multi) / max(1, len(multi)),
                    by_length={L: 100.0 * sum(o for o, p in zip(res["ok"], probes)
@@ -127,7 +138,39 @@ def main():
             rec["mean_abs_delta_logprob"] = sum(abs(a[1] - b[1]) for a, b in pairs) / len(pairs)
         records.append(rec)
         print({k: v for k, v in rec.items() if k != "by_depth_length"}, flush=True)
-    write_records(Path(args.out), records, "python scripts/eval_longctx.py " + " ".join(sys.argv[1:]))
+    out = Path(args.out)
+    write_records(out, records, "python scripts/eval_longctx.py " + " ".join(sys.argv[1:]))
+    plot_depth_length(out.with_name(out.stem + "_needles.png"), records, args.lengths, depths)
+    line_plot(out.with_name(out.stem + "_density_per_layer.png"),
+              {r["setting"]: [(int(k), v) for k, v in r["density_per_layer"].items()]
+               for r in records if r["density_per_layer"]},
+              xlabel="layer", ylabel="density (selected / causal blocks)", log2_x=False)
+
+
+def plot_depth_length(path: Path, records: list[dict], lengths: list[int], depths: list[float]):
+    """Needle accuracy (mean over needles) per (length, depth), one panel per setting."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(records), figsize=(3.2 * len(records), 3), squeeze=False)
+    for ax, rec in zip(axes[0], records):
+        grid = [[0.0] * len(depths) for _ in lengths]
+        n = [[0] * len(depths) for _ in lengths]
+        for length, depth, ok in rec["by_depth_length"]:
+            i, j = lengths.index(length), min(range(len(depths)), key=lambda k: abs(depths[k] - depth))
+            grid[i][j] += ok
+            n[i][j] += 1
+        acc = [[g / max(1, c) for g, c in zip(gr, cr)] for gr, cr in zip(grid, n)]
+        ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_yticks(range(len(lengths)), [str(x) for x in lengths])
+        ax.set_xticks(range(len(depths)), [f"{d:.1f}" for d in depths], fontsize=6)
+        ax.set_title(f"{rec['setting']}\n{rec['needle_acc']:.0f}% (density {rec['density']:.2f})",
+                     fontsize=7)
+        ax.set_xlabel("depth")
+    axes[0][0].set_ylabel("tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -26,13 +26,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def vllm_server(model: str, args: list[str], log_path: Path, timeout: float = 600):
-    """Yields the base URL once /health answers; the server is stopped on exit."""
+def vllm_server(model: str, args: list[str], log_path: Path, timeout: float = 600,
+                env: dict | None = None):
+    """Yields the base URL once /health answers; the server is stopped on exit. ``env``:
+    extra environment variables for the server."""
     port = free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model,
            "--host", "127.0.0.1", "--port", str(port), *args]
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=ENV)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**ENV, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + timeout
@@ -61,3 +63,15 @@ def post(url: str, path: str, body: dict, timeout: float = 600) -> dict:
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.loads(r.read())
+
+
+def measured_density(url: str, model: str, log_dir: Path, before: dict) -> tuple[float | None, dict]:
+    """Density the server's sparse layers ran at since ``before`` (``read_density`` totals of
+    its XATTN_DENSITY_LOG directory). A one-token request first makes the server build one
+    more step, which flushes the last step's records."""
+    from vllm_xattn.backends.density_log import read_density
+
+    post(url, "/v1/completions", {"model": model, "prompt": "hi", "max_tokens": 1})
+    now = read_density(log_dir)
+    sel, cand = now["selected"] - before["selected"], now["candidates"] - before["candidates"]
+    return (sel / cand if cand else None), now

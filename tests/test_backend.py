@@ -175,3 +175,40 @@ def test_forward_profiling_run_reserves_scratch(dispatch):
     impl._sparse = sparse
     impl.forward(attn_metadata=None, **_args())
     assert rec.calls == [("scratch",), ("fa", None)]
+
+
+def test_density_log_records_sparse_layers_and_flushes_per_step(dispatch, monkeypatch, tmp_path):
+    from vllm_xattn.backends import density_log as dl
+
+    monkeypatch.setenv(dl.ENV_VAR, str(tmp_path))
+    monkeypatch.setattr(dl, "_log", None)
+    impl, sparse, rec = dispatch
+
+    class CountingSparse:
+        def run(self, query, kv_cache, step, output, pool):
+            return torch.tensor(30)
+
+    impl._sparse, impl._layer_index = CountingSparse(), 5
+    step = type("Step", (), dict(tok_start=2, tok_end=10, candidate_blocks=6))()
+    full = XAttentionMetadata(**dataclasses.asdict(_fa_metadata()), dense=None, sparse=step)
+    impl.forward(attn_metadata=full, **_args())
+    impl.forward(attn_metadata=full, **_args())
+    assert dl.read_density(tmp_path)["candidates"] == 0  # nothing synced before the next step
+    dl.density_log().flush()  # what the builder does at the start of the next build()
+    got = dl.read_density(tmp_path)
+    assert got["selected"] == 60 and got["candidates"] == 2 * 8 * 6  # 8 q heads x 6 blocks
+    assert got["density"] == pytest.approx(60 / 96) and got["per_layer"] == {5: pytest.approx(60 / 96)}
+    line = (tmp_path / f"density-{__import__('os').getpid()}.jsonl").read_text().splitlines()[0]
+    assert '"tokens": 8' in line
+
+
+def test_sparse_step_counts_causal_candidates():
+    from vllm_xattn.backends.sparse_prefill import SparseStep
+    from vllm_xattn.kernels import plan_prefill
+
+    # ctx 100 + 300 queries (keys 0..399: blocks 0..3 at B=128): query blocks 0..3 -> 1+2+3+4;
+    # a second request of 128 queries, no context: 1.
+    plan = plan_prefill([0, 300, 428], [400, 128], block_size=128, stride=8)
+    step = SparseStep.from_host_plan(plan, block_table=torch.zeros(2, 4, dtype=torch.int32),
+                                     tok_start=0, tok_end=428, selection_heads=2, device="cpu")
+    assert step.candidate_blocks == 10 + 1
