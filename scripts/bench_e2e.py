@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -54,14 +55,16 @@ def write_llama8b_dummy(path: Path, tokenizer_dir: Path) -> Path:
 
 
 def bench_serve(url: str, model: str, *, input_len: int, output_len: int, num_prompts: int,
-                concurrency: int, range_ratio: float = 0.0) -> dict:
-    """One `vllm bench serve` run on the random dataset; returns its result JSON."""
+                concurrency: int, range_ratio: float = 0.0, seed: int = 0) -> dict:
+    """One `vllm bench serve` run on the random dataset; returns its result JSON. The random
+    dataset's prompts of one seed share prefixes across lengths: each run gets its own seed
+    (and the servers run without prefix caching) so that every prompt is computed cold."""
     with tempfile.TemporaryDirectory() as d:
         cmd = ["vllm", "bench", "serve", "--base-url", url, "--model", model,
                "--tokenizer", model, "--dataset-name", "random",
                "--random-input-len", str(input_len), "--random-output-len", str(output_len),
                "--random-range-ratio", str(range_ratio), "--num-prompts", str(num_prompts),
-               "--max-concurrency", str(concurrency), "--ignore-eos", "--seed", "0",
+               "--max-concurrency", str(concurrency), "--ignore-eos", "--seed", str(seed),
                "--disable-tqdm", "--save-result", "--result-dir", d, "--result-filename", "r.json"]
         subprocess.run(cmd, check=True, env=ENV, capture_output=True, text=True)
         return json.loads((Path(d) / "r.json").read_text())
@@ -73,22 +76,25 @@ def measure_setting(model: str, setting: str, server: list[str], args, log_dir: 
     density_dir = log_dir / f"density-{tag}"
     shutil.rmtree(density_dir, ignore_errors=True)
     res, dens = {}, {}
+    t0 = time.time()
     with vllm_server(model, server, log_dir / f"serve-{tag}.log",
                      env={ENV_VAR: str(density_dir)}) as url:
         bench_serve(url, model, input_len=max(args.lengths), output_len=1, num_prompts=1,
                     concurrency=1)  # warm-up: Triton/FlashAttention JIT, allocator
         _, totals = measured_density(url, model, density_dir, read_density(density_dir))
-        for n in args.lengths:
-            r = bench_serve(url, model, input_len=n, output_len=1, concurrency=1,
+        print(f"{setting}: server up and warm after {time.time() - t0:.0f} s", flush=True)
+        for i, n in enumerate(args.lengths):
+            r = bench_serve(url, model, input_len=n, output_len=1, concurrency=1, seed=1 + i,
                             num_prompts=args.short_prompts if n < 8192 else args.prompts_per_length)
             res[n] = r["median_ttft_ms"]
             dens[n], totals = measured_density(url, model, density_dir, totals)
             print(f"{setting} {n}: TTFT {res[n]:.1f} ms, density {dens[n]}", flush=True)
         per_layer = read_density(density_dir)["per_layer"]
         dec = bench_serve(url, model, input_len=1024, output_len=256, num_prompts=64,
-                          concurrency=32)
-        mixed = bench_serve(url, model, input_len=max(args.lengths) // 4, output_len=128,
-                            num_prompts=16, concurrency=8, range_ratio=0.9)
+                          concurrency=32, seed=100)
+        mixed = bench_serve(url, model, input_len=max(args.lengths) // 8, output_len=64,
+                            num_prompts=16, concurrency=8, range_ratio=0.9, seed=200)
+        print(f"{setting}: done after {time.time() - t0:.0f} s", flush=True)
     return dict(ttft=res, density=dens, density_per_layer=per_layer,
                 decode_tok_s=dec["output_throughput"], decode_tpot_ms=dec["median_tpot_ms"],
                 mixed_mean_ttft_ms=mixed["mean_ttft_ms"], mixed_tok_s=mixed["output_throughput"])
@@ -123,7 +129,7 @@ def main():
     ap.add_argument("--tokenizer-from", help="with --llama8b-dummy: HF folder whose tokenizer to copy")
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192, 16384, 32768])
     ap.add_argument("--settings", nargs="+", default=["dense", "{}"])
-    ap.add_argument("--prompts-per-length", type=int, default=3)
+    ap.add_argument("--prompts-per-length", type=int, default=2)
     ap.add_argument("--short-prompts", type=int, default=10, help="prompts per length under 8K")
     ap.add_argument("--out", default="benchmarks/results/e2e_h100.json")
     ap.add_argument("--log-dir", default="/tmp/bench_e2e",
@@ -142,7 +148,8 @@ def main():
     for setting in args.settings:
         if setting in measured:
             continue
-        server = ["--max-model-len", str(max(args.lengths) + 512), "--gpu-memory-utilization", "0.9"]
+        server = ["--max-model-len", str(max(args.lengths) + 512), "--gpu-memory-utilization", "0.9",
+                  "--no-enable-prefix-caching"]
         if dummy:
             server += ["--load-format", "dummy"]
         if setting == "dense":
