@@ -16,18 +16,19 @@ Why plan-once / run-per-layer is exact in FlashInfer 0.6.14 (paths in the wheel,
    (include/flashinfer/attention/scheduler.cuh:567-568, :582), so its work list
    (request / qo-tile / kv-tile indices, o_indptr, cta_tile_q from the mean packed query length)
    is built from ``qo_indptr`` alone (:578-603); ``split_kv`` stays false, so no
-   merge buffers or float workspace are used (:640-656; csrc/batch_prefill.cu:304-313 leaves
+   merge buffers or float workspace are used (:770; csrc/batch_prefill.cu:304-313 leaves
    ``tmp_v`` null and include/flashinfer/attention/prefill.cuh:3748-3750 runs with
    ``partition_kv = false``). The KV indptr given to ``plan()`` (our upper bound: every visible
    page) is only read on the host, for that unused chunk search and for ``_max_kv_len`` /
-   ``_kv_lens_buffer``, which only the cudnn / trtllm-gen backends read (prefill.py:704-770).
+   ``_kv_lens_buffer``, which only the cudnn / trtllm-gen backends read (prefill.py:677-700,
+   :2460-2472; the fa2 branch at :718-748 does not take them).
 2. The kernel reads the page lists from device memory at run time: ``run()`` passes
    ``_paged_kv_indptr_buf``, ``_paged_kv_indices_buf`` and ``_paged_kv_last_page_len_buf``
-   (prefill.py:2494-2498), which outside CUDA-graph mode are just the tensors given to ``plan()``
-   (:2044-2052). Each CTA takes ``kv_len = (indptr[b+1] - indptr[b] - 1) * page_size +
+   (prefill.py:2496-2498), which outside CUDA-graph mode are just the tensors given to ``plan()``
+   (:2043-2053). Each CTA takes ``kv_len = (indptr[b+1] - indptr[b] - 1) * page_size +
    last_page_len[b]`` from them (include/flashinfer/page.cuh:147-152 via
    include/flashinfer/attention/default_prefill_params.cuh:405-407 and variants.cuh:45-46),
-   walks keys ``[0, kv_len)`` with ``chunk_end = kv_len`` (prefill.cuh:2933-2945), bounds page
+   walks keys ``[0, kv_len)`` with ``chunk_end = kv_len`` (prefill.cuh:2931-2946), bounds page
    lookups by ``indptr[batch_size]`` (prefill.cuh:3065, page.cuh:184-190) and masks keys with
    ``kv_idx + qo_len > kv_len + q_idx`` (prefill.cuh:1110): bottom-right causal, like FA3.
    So each layer writes its own CSR (any lengths, shorter or longer than the plan's) into the
@@ -38,7 +39,7 @@ list (scheduler.cuh:602-603) but masks padded CTAs only when split-kv is on
 (csrc/batch_prefill.cu:309-312), so with split-kv off they would run stale work items; and with
 split-kv on, the plan's KV chunking would bake in the plan's lengths. PDL is disabled in
 ``run()``: the kernel reads ``indptr`` / ``last_page_len`` before ``griddepcontrol.wait``
-(prefill.cuh:2926-2962), i.e. possibly before the kernel that wrote them has finished.
+(prefill.cuh:2931-2933 vs :2979), i.e. possibly before the kernel that wrote them has finished.
 """
 from __future__ import annotations
 
@@ -130,7 +131,7 @@ class FlashInferContext:
     """
 
     FLOAT_WORKSPACE_BYTES = 16 << 20
-    # The wrapper attributes run() hands to the kernel (prefill.py:2494-2498); rebound per layer.
+    # The wrapper attributes run() hands to the kernel (prefill.py:2496-2498); rebound per layer.
     _RUN_BUFFERS = ("_paged_kv_indptr_buf", "_paged_kv_indices_buf", "_paged_kv_last_page_len_buf")
     _by_device: dict[torch.device, FlashInferContext] = {}
 
@@ -215,23 +216,13 @@ class FlashInferExecutor:
 
     def plan_step(self, plan, *, selection_heads: int, device) -> FlashInferStep:
         """Host side, once per step: ``plan`` is the step's host (CPU) plan."""
-        page, B = self.page_size, plan.block_size
-        # The densest layer: every causal key of each row's query block.
-        keys = plan.row_block.cpu().to(torch.int64) * B + plan.row_last_len.cpu().to(torch.int64)
-        pages = (keys + page - 1) // page
-        per_head = int(pages.sum()) * page
-        heads = max((h for h in range(1, selection_heads + 1)
-                     if selection_heads % h == 0 and h * per_head <= self.MAX_KEYS_PER_RUN), default=0)
-        if heads == 0:
-            raise RuntimeError(f"XATTN flashinfer executor: one head of this step needs {per_head} keys, "
-                               f"more than one launch can address ({self.MAX_KEYS_PER_RUN}); lower "
-                               "max_num_batched_tokens")
-        kv_indptr = torch.zeros(heads * len(pages) + 1, dtype=torch.int64)
-        torch.cumsum(pages.repeat(heads), 0, out=kv_indptr[1:])
-        last = (keys - (pages - 1) * page).repeat(heads)
-        args = _plan_args(plan.mini_cu_seqlens_q(heads), kv_indptr.to(torch.int32), last.to(torch.int32),
+        heads, kv_indptr, last = densest_page_lists(plan, selection_heads=selection_heads,
+                                                    page_size=self.page_size,
+                                                    max_keys=self.MAX_KEYS_PER_RUN)
+        args = _plan_args(plan.mini_cu_seqlens_q(heads), kv_indptr, last,
                           group=self.num_q_heads // selection_heads, head_dim=self.head_dim,
-                          page_size=page, q_dtype=self.q_dtype, kv_dtype=self.kv_dtype, max_q=B)
+                          page_size=self.page_size, q_dtype=self.q_dtype, kv_dtype=self.kv_dtype,
+                          max_q=plan.block_size)
         fs = FlashInferStep(FlashInferContext.get(device), args, heads, int(kv_indptr[-1]))
         fs.ctx.plan(fs)
         return fs
@@ -264,6 +255,26 @@ class FlashInferExecutor:
             w._paged_kv_last_page_len_buf = csr.last_page_len
             rows = slice(h0 * t, (h0 + nh) * t)
             w.run(q[rows], (k_pages, v_pages), q_scale=scale, out=out[rows], enable_pdl=False)
+
+
+def densest_page_lists(plan, *, selection_heads: int, page_size: int,
+                       max_keys: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """The step's upper-bound page lists for FlashInfer's ``plan()`` (host, CPU int32): every
+    causal key of each mini-request's query block, for ``heads`` selection heads per launch,
+    the largest divisor of ``selection_heads`` whose lists stay within ``max_keys`` keys.
+    Returns (heads, kv_indptr [heads * TQB + 1], last_page_len [heads * TQB])."""
+    keys = plan.row_block.cpu().to(torch.int64) * plan.block_size + plan.row_last_len.cpu().to(torch.int64)
+    pages = (keys + page_size - 1) // page_size
+    per_head = int(pages.sum()) * page_size
+    heads = max((h for h in range(1, selection_heads + 1)
+                 if selection_heads % h == 0 and h * per_head <= max_keys), default=0)
+    if heads == 0:
+        raise RuntimeError(f"XATTN flashinfer executor: one head of this step needs {per_head} keys, "
+                           f"more than one launch can address ({max_keys}); lower max_num_batched_tokens")
+    kv_indptr = torch.zeros(heads * len(pages) + 1, dtype=torch.int64)
+    torch.cumsum(pages.repeat(heads), 0, out=kv_indptr[1:])
+    last = (keys - (pages - 1) * page_size).repeat(heads)
+    return heads, kv_indptr.to(torch.int32), last.to(torch.int32)
 
 
 def make_executor(name: str | None, *, num_q_heads: int, head_dim: int, page_size: int,
