@@ -123,17 +123,21 @@ class FlashInferStep:
 
 
 class FlashInferContext:
-    """The process's FlashInfer prefill wrapper on one device, and the step plan it holds.
+    """A FlashInfer prefill wrapper and the step plan it holds.
 
-    One per device, made in vLLM's memory-profiling pass (``ScratchPool``) so its buffers are
-    counted: the wrapper's own int workspace (8 MiB) and pinned host copy, and a small float
-    workspace, which fa2 touches only for split-kv partial results (disabled here).
+    One per executor, i.e. per metadata builder: every KV-cache group's builder plans its own
+    steps, and a group's plan must survive the other groups' plans. Buffers: the wrapper's
+    int workspace (8 MiB, where the plan lives) and its pinned host copy, and a small float
+    workspace, which fa2 touches only for split-kv partial results (disabled here). The first
+    context of a device is made in vLLM's memory-profiling pass (``reserve``, from
+    ``ScratchPool``), so the profiler counts it.
     """
 
     FLOAT_WORKSPACE_BYTES = 16 << 20
     # The wrapper attributes run() hands to the kernel (prefill.py:2496-2498); rebound per layer.
     _RUN_BUFFERS = ("_paged_kv_indptr_buf", "_paged_kv_indices_buf", "_paged_kv_last_page_len_buf")
-    _by_device: dict[torch.device, FlashInferContext] = {}
+    _spare: dict[torch.device, FlashInferContext] = {}
+    _made: set[torch.device] = set()
 
     def __init__(self, device: torch.device):
         import flashinfer
@@ -149,16 +153,36 @@ class FlashInferContext:
         self._no_indices = torch.zeros(1, dtype=torch.int32, device=device)  # replaced per layer
         self.current: FlashInferStep | None = None
         self._plan_copied: torch.cuda.Event | None = None
-        self._warm: set = set()
 
-    @classmethod
-    def get(cls, device) -> FlashInferContext:
+    @staticmethod
+    def _device(device) -> torch.device:
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        if device not in cls._by_device:
-            cls._by_device[device] = cls(device)
-        return cls._by_device[device]
+        return device
+
+    @classmethod
+    def reserve(cls, device, *, dtype: torch.dtype, head_dim: int, page_size: int) -> None:
+        """Profiling pass: make the device's first context now (counted by vLLM's profiler)
+        and build / load the fa2 module now (a JIT compile can take a minute), not mid-serving.
+        A no-op once an executor has a context (its first plan built the module)."""
+        device = cls._device(device)
+        if device in cls._made:
+            return
+        cls._made.add(device)
+        ctx = cls._spare[device] = cls(device)
+        one = torch.tensor([0, 1], dtype=torch.int32)
+        ctx.plan(FlashInferStep(ctx, _plan_args(one, one, torch.ones(1, dtype=torch.int32), group=1,
+                                                head_dim=head_dim, page_size=page_size, q_dtype=dtype,
+                                                kv_dtype=dtype, max_q=1), 1, 1))
+        ctx.current = None
+
+    @classmethod
+    def take(cls, device) -> FlashInferContext:
+        """A context of its own for an executor: the reserved one if still free."""
+        device = cls._device(device)
+        cls._made.add(device)
+        return cls._spare.pop(device, None) or cls(device)
 
     def plan(self, fs: FlashInferStep) -> None:
         # plan() writes its work list into a pinned host buffer and copies it to the device
@@ -170,18 +194,6 @@ class FlashInferContext:
         self._plan_copied = torch.cuda.Event()
         self._plan_copied.record()
         self.current = fs
-
-    def warm(self, dtype: torch.dtype, head_dim: int, page_size: int) -> None:
-        """Build / load the fa2 module now (a JIT compile can take a minute), not mid-serving."""
-        key = (dtype, head_dim)
-        if key in self._warm:
-            return
-        one = torch.tensor([0, 1], dtype=torch.int32)
-        self.plan(FlashInferStep(self, _plan_args(one, one, torch.ones(1, dtype=torch.int32), group=1,
-                                                  head_dim=head_dim, page_size=page_size,
-                                                  q_dtype=dtype, kv_dtype=dtype, max_q=1), 1, 1))
-        self.current = None
-        self._warm.add(key)
 
 
 def _plan_args(qo_indptr, kv_indptr, last_page_len, *, group, head_dim, page_size, q_dtype,
@@ -213,6 +225,7 @@ class FlashInferExecutor:
                  kv_dtype: torch.dtype):
         self.num_q_heads, self.head_dim, self.page_size = num_q_heads, head_dim, page_size
         self.q_dtype, self.kv_dtype = q_dtype, kv_dtype
+        self.ctx: FlashInferContext | None = None  # taken at the first plan
 
     def plan_step(self, plan, *, selection_heads: int, device) -> FlashInferStep:
         """Host side, once per step: ``plan`` is the step's host (CPU) plan."""
@@ -223,8 +236,10 @@ class FlashInferExecutor:
                           group=self.num_q_heads // selection_heads, head_dim=self.head_dim,
                           page_size=self.page_size, q_dtype=self.q_dtype, kv_dtype=self.kv_dtype,
                           max_q=plan.block_size)
-        fs = FlashInferStep(FlashInferContext.get(device), args, heads, int(kv_indptr[-1]))
-        fs.ctx.plan(fs)
+        if self.ctx is None:
+            self.ctx = FlashInferContext.take(device)
+        fs = FlashInferStep(self.ctx, args, heads, int(kv_indptr[-1]))
+        self.ctx.plan(fs)
         return fs
 
     def run(self, q, out, counts, ids, kv_cache, step, pool, *, granularity: str, num_kv_heads: int,
@@ -233,8 +248,8 @@ class FlashInferExecutor:
         fs: FlashInferStep = step.executor_step
         ctx = fs.ctx
         if ctx.current is not fs:
-            # Another step was planned since (e.g. two batches built before either ran): correct
-            # but slow, as it plans once per layer.
+            # This builder planned another step since (e.g. two batches built before either
+            # ran): correct, but slow if it alternates.
             logger.warning_once("XATTN flashinfer executor: re-planning a step whose plan was replaced")
             ctx.plan(fs)
         if fs.max_pages > pool.page_table.numel() or fs.num_mini >= pool.fi_indptr.numel():

@@ -125,8 +125,8 @@ class ScratchPool:
                                       dtype=torch.int32, device=device)
         self.fi_indptr = torch.empty(num_q_heads * max_rows + 1, dtype=torch.int32, device=device)
         self.fi_last_page_len = torch.empty(num_q_heads * max_rows, dtype=torch.int32, device=device)
-        if executor == "flashinfer":  # its workspaces, and its JIT build now rather than mid-serving
-            FlashInferContext.get(device).warm(dtype, head_dim, page_size)
+        if executor == "flashinfer":  # its buffers, and its JIT build now rather than mid-serving
+            FlashInferContext.reserve(device, dtype=dtype, head_dim=head_dim, page_size=page_size)
         self.q = torch.empty(max_tokens * num_q_heads * head_dim, dtype=dtype, device=device)
         self.out = torch.empty_like(self.q)
 

@@ -10,7 +10,7 @@ import dataclasses
 from typing import ClassVar
 
 import torch
-from vllm.config import VllmConfig, get_current_vllm_config_or_none
+from vllm.config import VllmConfig, get_current_vllm_config_or_none, get_layers_from_vllm_config
 from vllm.logger import init_logger
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionType, CommonAttentionMetadata
 from vllm.v1.attention.backends.flash_attn import (
@@ -114,6 +114,10 @@ class XAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
         self.executor = make_executor(name, num_q_heads=self.num_heads_q, head_dim=self.headdim,
                                       page_size=self.block_size, q_dtype=vllm_config.model_config.dtype,
                                       kv_dtype=self.kv_cache_dtype)
+        impls = [getattr(l, "impl", None) for l in
+                 get_layers_from_vllm_config(vllm_config, torch.nn.Module, layer_names).values()]
+        if impls and not any(getattr(i, "may_run_sparse", False) for i in impls):
+            self.executor = None  # a dense-only group (e.g. sliding window): plan no executor
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> FlashAttentionMetadata:

@@ -113,7 +113,7 @@ class FakeContext(FlashInferContext):
 def test_one_plan_serves_layers_with_different_selections(monkeypatch, granularity, chunked):
     q, k, v, cu_q, cu_k, kv, bt, host_plan = problem(seed=1)
     ctx = FakeContext()
-    monkeypatch.setattr(FlashInferContext, "get", classmethod(lambda cls, device: ctx))
+    monkeypatch.setattr(FlashInferContext, "take", classmethod(lambda cls, device: ctx))
     ex = FlashInferExecutor(num_q_heads=HQ, head_dim=D, page_size=PAGE, q_dtype=q.dtype, kv_dtype=q.dtype)
     hs = HKV if granularity == "kv_group" else HQ
     if chunked:  # room for half the selection heads per launch
@@ -147,11 +147,11 @@ def test_one_plan_serves_layers_with_different_selections(monkeypatch, granulari
 def test_replanned_when_another_step_was_planned(monkeypatch):
     q, k, v, cu_q, cu_k, kv, bt, host_plan = problem(seed=2)
     ctx = FakeContext()
-    monkeypatch.setattr(FlashInferContext, "get", classmethod(lambda cls, device: ctx))
+    monkeypatch.setattr(FlashInferContext, "take", classmethod(lambda cls, device: ctx))
     ex = FlashInferExecutor(num_q_heads=HQ, head_dim=D, page_size=PAGE, q_dtype=q.dtype, kv_dtype=q.dtype)
     T = int(cu_q[-1])
     kw = dict(block_table=bt, tok_start=0, tok_end=T, selection_heads=HQ, device="cpu", executor=ex)
-    first = SparseStep.from_host_plan(host_plan, **kw)
+    first = SparseStep.from_host_plan(host_plan, **kw)  # the builder's next step replaces its plan
     SparseStep.from_host_plan(plan_prefill([0, 64], [64], block_size=B, stride=S, block_m=16, block_n=16),
                               **{**kw, "tok_end": 64})
     cfg = XAttnConfig(block_size=B, stride=S, threshold=0.9)
