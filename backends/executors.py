@@ -88,16 +88,21 @@ class Fa3Executor:
     def plan_step(self, plan, *, selection_heads: int, device) -> None:
         return None
 
-    def run(self, q, out, counts, ids, kv_cache, step, pool, *, granularity: str, num_kv_heads: int,
-            scale: float) -> None:
+    def run(self, q, out, counts, ids, kv_cache, step, pool, **kw) -> None:
         """``q`` / ``out``: the head-major query and output ``(heads * T, group, D)``."""
+        for launch in self.launches(q, out, counts, ids, kv_cache, step, pool, **kw):
+            launch()
+
+    def launches(self, q, out, counts, ids, kv_cache, step, pool, *, granularity: str,
+                 num_kv_heads: int, scale: float):
+        """Builds the page lists, then yields the kernel call (benchmarks time it alone)."""
         from vllm.vllm_flash_attn import flash_attn_varlen_func
 
         lists = build_page_lists(counts, ids, step.block_table, kv_cache, step.plan,
                                  granularity=granularity, num_kv_heads=num_kv_heads,
                                  page_table=pool.page_table, cu_seqlens_q=step.mini_cu_seqlens_q)
         k_pages, v_pages, _ = folded_kv_views(kv_cache)
-        flash_attn_varlen_func(
+        yield lambda: flash_attn_varlen_func(
             q=q, k=k_pages, v=v_pages,
             cu_seqlens_q=lists.cu_seqlens_q, max_seqlen_q=lists.max_seqlen_q,
             seqused_k=lists.seqused_k, max_seqlen_k=lists.max_seqlen_k,
@@ -242,9 +247,16 @@ class FlashInferExecutor:
         self.ctx.plan(fs)
         return fs
 
-    def run(self, q, out, counts, ids, kv_cache, step, pool, *, granularity: str, num_kv_heads: int,
-            scale: float) -> None:
+    def run(self, q, out, counts, ids, kv_cache, step, pool, **kw) -> None:
         """``q`` / ``out``: the head-major query and output ``(heads * T, group, D)``."""
+        for launch in self.launches(q, out, counts, ids, kv_cache, step, pool, **kw):
+            launch()
+
+    def launches(self, q, out, counts, ids, kv_cache, step, pool, *, granularity: str,
+                 num_kv_heads: int, scale: float):
+        """Per launch (a chunk of selection heads): builds its page lists into the pool's
+        buffers, hands them to the wrapper, and yields the kernel call (benchmarks time it
+        alone). Launches share the buffers: run each before advancing."""
         fs: FlashInferStep = step.executor_step
         ctx = fs.ctx
         if ctx.current is not fs:
@@ -269,7 +281,8 @@ class FlashInferExecutor:
             w._paged_kv_indices_buf = csr.indices
             w._paged_kv_last_page_len_buf = csr.last_page_len
             rows = slice(h0 * t, (h0 + nh) * t)
-            w.run(q[rows], (k_pages, v_pages), q_scale=scale, out=out[rows], enable_pdl=False)
+            yield lambda rows=rows: w.run(q[rows], (k_pages, v_pages), q_scale=scale, out=out[rows],
+                                          enable_pdl=False)
 
 
 def densest_page_lists(plan, *, selection_heads: int, page_size: int,
