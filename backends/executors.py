@@ -221,10 +221,12 @@ class FlashInferExecutor:
 
     name = "flashinfer"
     # The kernel addresses keys as uint32 ``indptr[b] * page_size + position`` with int32 page
-    # counts (prefill.cuh:3067-3068): each launch's CSR stays below 2^31 keys, splitting the
-    # selection heads into equal chunks when a step is larger (all chunks share one plan: it
-    # depends only on qo_indptr, which is the same for every chunk).
+    # counts (prefill.cuh:3067-3068), and queries / outputs as uint32 ``indptr[b] * stride``
+    # elements (:2971-2976): each launch stays below 2^31 keys and 2^32 query elements,
+    # splitting the selection heads into equal chunks when a step is larger (all chunks share
+    # one plan: it depends only on qo_indptr, which is the same for every chunk).
     MAX_KEYS_PER_RUN = 2**31 - 1
+    MAX_Q_ELEMS_PER_RUN = 2**32 - 1
 
     def __init__(self, *, num_q_heads: int, head_dim: int, page_size: int, q_dtype: torch.dtype,
                  kv_dtype: torch.dtype):
@@ -234,11 +236,12 @@ class FlashInferExecutor:
 
     def plan_step(self, plan, *, selection_heads: int, device) -> FlashInferStep:
         """Host side, once per step: ``plan`` is the step's host (CPU) plan."""
-        heads, kv_indptr, last = densest_page_lists(plan, selection_heads=selection_heads,
-                                                    page_size=self.page_size,
-                                                    max_keys=self.MAX_KEYS_PER_RUN)
-        args = _plan_args(plan.mini_cu_seqlens_q(heads), kv_indptr, last,
-                          group=self.num_q_heads // selection_heads, head_dim=self.head_dim,
+        group = self.num_q_heads // selection_heads
+        heads, kv_indptr, last = densest_page_lists(
+            plan, selection_heads=selection_heads, page_size=self.page_size,
+            max_keys=self.MAX_KEYS_PER_RUN,
+            max_heads=self.MAX_Q_ELEMS_PER_RUN // (plan.num_q_tokens * group * self.head_dim))
+        args = _plan_args(plan.mini_cu_seqlens_q(heads), kv_indptr, last, group=group, head_dim=self.head_dim,
                           page_size=self.page_size, q_dtype=self.q_dtype, kv_dtype=self.kv_dtype,
                           max_q=plan.block_size)
         if self.ctx is None:
@@ -285,20 +288,21 @@ class FlashInferExecutor:
                                           enable_pdl=False)
 
 
-def densest_page_lists(plan, *, selection_heads: int, page_size: int,
-                       max_keys: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+def densest_page_lists(plan, *, selection_heads: int, page_size: int, max_keys: int,
+                       max_heads: int | None = None) -> tuple[int, torch.Tensor, torch.Tensor]:
     """The step's upper-bound page lists for FlashInfer's ``plan()`` (host, CPU int32): every
     causal key of each mini-request's query block, for ``heads`` selection heads per launch,
-    the largest divisor of ``selection_heads`` whose lists stay within ``max_keys`` keys.
-    Returns (heads, kv_indptr [heads * TQB + 1], last_page_len [heads * TQB])."""
+    the largest divisor of ``selection_heads`` (at most ``max_heads``) whose lists stay within
+    ``max_keys`` keys. Returns (heads, kv_indptr [heads * TQB + 1], last_page_len [heads * TQB])."""
     keys = plan.row_block.cpu().to(torch.int64) * plan.block_size + plan.row_last_len.cpu().to(torch.int64)
     pages = (keys + page_size - 1) // page_size
     per_head = int(pages.sum()) * page_size
-    heads = max((h for h in range(1, selection_heads + 1)
+    max_heads = selection_heads if max_heads is None else max_heads
+    heads = max((h for h in range(1, min(selection_heads, max_heads) + 1)
                  if selection_heads % h == 0 and h * per_head <= max_keys), default=0)
     if heads == 0:
-        raise RuntimeError(f"XATTN flashinfer executor: one head of this step needs {per_head} keys, "
-                           f"more than one launch can address ({max_keys}); lower max_num_batched_tokens")
+        raise RuntimeError(f"XATTN flashinfer executor: one head of this step ({per_head} keys) is more "
+                           f"than one launch can address ({max_keys} keys); lower max_num_batched_tokens")
     kv_indptr = torch.zeros(heads * len(pages) + 1, dtype=torch.int64)
     torch.cumsum(pages.repeat(heads), 0, out=kv_indptr[1:])
     last = (keys - (pages - 1) * page_size).repeat(heads)

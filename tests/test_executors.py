@@ -58,6 +58,7 @@ def test_densest_lists_split_heads_into_equal_chunks():
     heads, indptr, last = densest_page_lists(plan, selection_heads=6, page_size=PAGE, max_keys=4 * per_head)
     assert heads == 3  # the largest divisor of 6 within the limit
     assert len(indptr) == 3 * plan.total_q_blocks + 1 and int(indptr[-1]) * PAGE == 3 * per_head
+    assert densest_page_lists(plan, selection_heads=6, page_size=PAGE, max_keys=2**31 - 1, max_heads=2)[0] == 2
     with pytest.raises(RuntimeError, match="max_num_batched_tokens"):
         densest_page_lists(plan, selection_heads=6, page_size=PAGE, max_keys=per_head - 1)
 
