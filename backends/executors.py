@@ -75,9 +75,9 @@ def resolve_executor(choice: str, *, fa_version: int | None, head_size: int,
         why = f"compute capability {capability} (FlashInfer needs >= 8.0)"
     else:
         return "flashinfer", None
-    if choice == "auto":
-        why = f"FlashAttention version {fa_version} (no FA3) and no FlashInfer executor: {why}"
-    return None, f"executor flashinfer: {why}" if choice == "flashinfer" else why
+    if choice == "flashinfer":
+        return None, f"executor flashinfer: {why}"
+    return None, f"FlashAttention version {fa_version} (no FA3) and no FlashInfer executor: {why}"
 
 
 class Fa3Executor:
