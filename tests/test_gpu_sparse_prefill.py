@@ -1,21 +1,15 @@
 """The sparse prefill path (kernels + FA3 / FlashInfer executor over the paged cache) vs the
 reference, and the two executors against each other."""
-import os
-
 import pytest
 import torch
 
-# FlashInfer JIT-compiles its fa2 module on first use (~36 s on the H100); keep the build
-# cache somewhere writable. Read when flashinfer is first imported.
-os.environ.setdefault("FLASHINFER_WORKSPACE_BASE", "/tmp/fiws")
-
-from vllm_xattn import reference as ref  # noqa: E402
-from vllm_xattn.backends.executors import (  # noqa: E402
+from vllm_xattn import reference as ref
+from vllm_xattn.backends.executors import (
     FA3, FlashInferContext, FlashInferExecutor, densest_page_lists,
 )
-from vllm_xattn.backends.sparse_prefill import ScratchPool, SparsePrefill, SparseStep  # noqa: E402
-from vllm_xattn.config import XAttnConfig  # noqa: E402
-from vllm_xattn.kernels import (  # noqa: E402
+from vllm_xattn.backends.sparse_prefill import ScratchPool, SparsePrefill, SparseStep
+from vllm_xattn.config import XAttnConfig
+from vllm_xattn.kernels import (
     antidiagonal_scores_paged, make_paged_cache, masks_from_selection, plan_prefill,
     select_blocks_packed,
 )
