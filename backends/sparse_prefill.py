@@ -1,9 +1,10 @@
 """The sparse prefill path of one attention layer: score, select, build page lists, execute.
 
 Per scheduler step the metadata builder decides which requests run sparse
-(``choose_sparse_suffix``) and plans them once (``SparseStep``); per layer,
-``SparsePrefill.run`` launches the Triton scoring / selection / page-list kernels and the
-FA3 executor over vLLM's paged cache, with no host synchronisation.
+(``choose_sparse_suffix``) and plans them once (``SparseStep``, including the executor's own
+step plan); per layer, ``SparsePrefill.run`` launches the Triton scoring / selection kernels
+and the executor (``executors.py``: FA3 or FlashInfer) over vLLM's paged cache, with no host
+synchronisation.
 """
 from __future__ import annotations
 
@@ -13,12 +14,11 @@ from types import SimpleNamespace
 
 import torch
 
+from vllm_xattn.backends.executors import FA3, FlashInferContext
 from vllm_xattn.config import XAttnConfig
 from vllm_xattn.kernels import (
     XAttnPlan,
     antidiagonal_scores_paged,
-    build_page_lists,
-    folded_kv_views,
     plan_prefill,
     scoring_workspace_numel,
     select_blocks_packed,
@@ -80,13 +80,19 @@ class SparseStep:
     mini_cu_seqlens_q: torch.Tensor | None = None
     # Causal (query block, key block) pairs per head: the denominator of the density.
     candidate_blocks: int = 0
+    executor: object = FA3  # None: no executor available (no layer runs sparse)
+    executor_step: object = None  # the executor's per-step plan (FlashInfer's)
 
     @classmethod
     def from_host_plan(cls, plan: XAttnPlan, *, block_table, tok_start: int, tok_end: int,
-                       selection_heads: int, device) -> "SparseStep":
+                       selection_heads: int, device, executor=FA3) -> "SparseStep":
+        """``plan`` on the host; ``executor`` plans its own part here, once per step (for
+        FlashInfer the expensive host ``plan()``), never per layer."""
         cu = plan.mini_cu_seqlens_q(selection_heads).to(device, non_blocking=True)
+        ex_step = (executor.plan_step(plan, selection_heads=selection_heads, device=device)
+                   if executor is not None else None)
         return cls(plan=plan.to(device), block_table=block_table, tok_start=tok_start,
-                   tok_end=tok_end, mini_cu_seqlens_q=cu,
+                   tok_end=tok_end, mini_cu_seqlens_q=cu, executor=executor, executor_step=ex_step,
                    candidate_blocks=int((plan.row_block.to(torch.int64) + 1).sum()))
 
 
@@ -101,7 +107,7 @@ class ScratchPool:
     _pools: dict[tuple, "ScratchPool"] = {}
 
     def __init__(self, *, max_tokens, max_reqs, max_seq_len, num_q_heads, head_dim, dtype,
-                 cfg: XAttnConfig, page_size: int, device):
+                 cfg: XAttnConfig, page_size: int, device, executor: str = "fa3"):
         B, S = cfg.block_size, cfg.stride
         max_kb = math.ceil(max_seq_len / B)
         # A chunk of Tq tokens starting anywhere touches at most Tq/B + 2 query blocks, and a
@@ -117,8 +123,13 @@ class ScratchPool:
         self.scores = torch.empty(num_q_heads, max_rows, max_kb, dtype=torch.float32, device=device)
         self.workspace = torch.empty(scoring_workspace_numel(bound, self.num_programs),
                                      dtype=torch.float32, device=device)
+        # FA3: one padded row per mini-request; FlashInfer: the same storage as flat CSR indices.
         self.page_table = torch.empty(num_q_heads * max_rows, max_kb * (B // page_size),
                                       dtype=torch.int32, device=device)
+        self.fi_indptr = torch.empty(num_q_heads * max_rows + 1, dtype=torch.int32, device=device)
+        self.fi_last_page_len = torch.empty(num_q_heads * max_rows, dtype=torch.int32, device=device)
+        if executor == "flashinfer":  # its buffers, and its JIT build now rather than mid-serving
+            FlashInferContext.reserve(device, dtype=dtype, head_dim=head_dim, page_size=page_size)
         self.q = torch.empty(max_tokens * num_q_heads * head_dim, dtype=dtype, device=device)
         self.out = torch.empty_like(self.q)
 
@@ -158,9 +169,9 @@ class SparsePrefill:
             output: torch.Tensor, pool: ScratchPool) -> torch.Tensor:
         """Attention of ``query[tok_start:tok_end]`` into ``output`` rows; returns the number
         of selected (head, query block, key block) triples as a device scalar."""
-        from vllm.vllm_flash_attn import flash_attn_varlen_func
-
         cfg, plan = self.cfg, step.plan
+        if step.executor is None:
+            raise RuntimeError("XATTN: this step has no sparse executor (see the layer's dense reasons)")
         q = query[step.tok_start:step.tok_end]
         T = q.shape[0]
         pool.check_fits(plan, T, self.hq, self.d)
@@ -172,23 +183,15 @@ class SparsePrefill:
             threshold=self._tau(q.device),
             topk=cfg.topk, ratio=cfg.ratio, granularity=cfg.granularity,
             num_kv_heads=self.hkv)
-        lists = build_page_lists(counts, ids, step.block_table, kv_cache, plan,
-                                 granularity=cfg.granularity, num_kv_heads=self.hkv,
-                                 page_table=pool.page_table, cu_seqlens_q=step.mini_cu_seqlens_q)
-        k_pages, v_pages, _ = folded_kv_views(kv_cache)
         # Mini-requests are contiguous rows of a head-major query: (heads * T, group, D).
         group = self.hq // self.hkv if cfg.granularity == "kv_group" else 1
         heads = self.hq // group
         q_hm = pool.q[: T * self.hq * self.d].view(heads, T, group, self.d)
         q_hm.copy_(q.reshape(T, heads, group, self.d).transpose(0, 1))
         o_hm = pool.out[: T * self.hq * self.d].view(heads, T, group, self.d)
-        flash_attn_varlen_func(
-            q=q_hm.view(heads * T, group, self.d), k=k_pages, v=v_pages,
-            cu_seqlens_q=lists.cu_seqlens_q, max_seqlen_q=lists.max_seqlen_q,
-            seqused_k=lists.seqused_k, max_seqlen_k=lists.max_seqlen_k,
-            softmax_scale=self.scale, causal=True, block_table=lists.page_table,
-            fa_version=3, out=o_hm.view(heads * T, group, self.d),
-        )
+        step.executor.run(q_hm.view(heads * T, group, self.d), o_hm.view(heads * T, group, self.d),
+                          counts, ids, kv_cache, step, pool, granularity=cfg.granularity,
+                          num_kv_heads=self.hkv, scale=self.scale)
         out = output[step.tok_start:step.tok_end].view(T, heads, group, self.d)
         out.copy_(o_hm.transpose(0, 1))
         return n_sel

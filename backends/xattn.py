@@ -10,7 +10,7 @@ import dataclasses
 from typing import ClassVar
 
 import torch
-from vllm.config import VllmConfig, get_current_vllm_config_or_none
+from vllm.config import VllmConfig, get_current_vllm_config_or_none, get_layers_from_vllm_config
 from vllm.logger import init_logger
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionType, CommonAttentionMetadata
 from vllm.v1.attention.backends.flash_attn import (
@@ -19,8 +19,10 @@ from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionMetadata,
     FlashAttentionMetadataBuilder,
 )
+from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
 
 from vllm_xattn.backends.density_log import density_log
+from vllm_xattn.backends.executors import make_executor, resolve_executor
 from vllm_xattn.backends.sparse_prefill import (
     ScratchPool,
     SparsePrefill,
@@ -65,6 +67,10 @@ def dense_only_reasons(
     return reasons
 
 
+def _capability(device=None) -> tuple[int, int] | None:
+    return torch.cuda.get_device_capability(device) if torch.cuda.is_available() else None
+
+
 class XAttentionBackend(FlashAttentionBackend):
     @staticmethod
     def get_name() -> str:
@@ -104,6 +110,15 @@ class XAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.xattn: XAttnConfig = xattn_config_from_vllm(vllm_config)
         logger.info_once("XATTN backend active: %s", str(self.xattn.model_dump(exclude_none=True)))
+        name, _ = resolve_executor(self.xattn.executor, fa_version=get_flash_attn_version(head_size=self.headdim),
+                                   head_size=self.headdim, capability=_capability(device))
+        self.executor = make_executor(name, num_q_heads=self.num_heads_q, head_dim=self.headdim,
+                                      page_size=self.block_size, q_dtype=vllm_config.model_config.dtype,
+                                      kv_dtype=self.kv_cache_dtype)
+        impls = [getattr(l, "impl", None) for l in
+                 get_layers_from_vllm_config(vllm_config, torch.nn.Module, layer_names).values()]
+        if impls and not any(getattr(i, "may_run_sparse", False) for i in impls):
+            self.executor = None  # a dense-only group (e.g. sliding window): plan no executor
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> FlashAttentionMetadata:
@@ -135,7 +150,7 @@ class XAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
         full = super().build(common_prefix_len, cm, fast_build)
         step = SparseStep.from_host_plan(
             plan, block_table=cm.block_table_tensor[first : cm.num_reqs], tok_start=qsl[first],
-            tok_end=qsl[-1], device=self.device,
+            tok_end=qsl[-1], device=self.device, executor=self.executor,
             selection_heads=self.num_heads_kv if self.xattn.granularity == "kv_group" else self.num_heads_q)
         return XAttentionMetadata(
             **{f.name: getattr(full, f.name) for f in dataclasses.fields(FlashAttentionMetadata)},
@@ -173,8 +188,10 @@ class XAttentionImpl(FlashAttentionImpl):
         )
         if kv_cache_dtype not in ("auto", "float16", "bfloat16"):
             self.dense_reasons.append(f"kv_cache_dtype {kv_cache_dtype}")
-        if self.vllm_flash_attn_version != 3:
-            self.dense_reasons.append(f"FlashAttention version {self.vllm_flash_attn_version} (executor needs FA3)")
+        self.executor, why = resolve_executor(self.xattn.executor, fa_version=self.vllm_flash_attn_version,
+                                              head_size=head_size, capability=_capability())
+        if why:
+            self.dense_reasons.append(why)
         if head_size % 16:
             self.dense_reasons.append(f"head_size {head_size} (scoring needs a multiple of 16)")
         self._vllm_config = vllm_config
@@ -228,7 +245,7 @@ class XAttentionImpl(FlashAttentionImpl):
             max_tokens=cfg.scheduler_config.max_num_batched_tokens,
             max_reqs=cfg.scheduler_config.max_num_seqs, max_seq_len=cfg.model_config.max_model_len,
             num_q_heads=self.num_heads, head_dim=self.head_size, dtype=dtype, cfg=self.xattn,
-            page_size=cfg.cache_config.block_size, device=device)
+            page_size=cfg.cache_config.block_size, device=device, executor=self.executor)
         return self._pool
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,

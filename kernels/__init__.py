@@ -3,20 +3,22 @@
 Per scheduler step: ``plan = plan_prefill(...).to(device)`` (host metadata, one copy). Per layer:
 ``A = antidiagonal_scores_paged(q, kv_cache, block_table, plan)`` ->
 ``counts, ids, n_sel = select_blocks_packed(A, plan, ...)`` ->
-``lists = build_page_lists(counts, ids, block_table, kv_cache, plan)`` -> executor over
-``folded_kv_views(kv_cache)``. No host synchronisation after the plan.
+``lists = build_page_lists(counts, ids, block_table, kv_cache, plan)`` (padded, FA3) or
+``build_page_csr(...)`` (CSR, FlashInfer) -> executor over ``folded_kv_views(kv_cache)``. No host synchronisation after the plan.
 """
 
-from .page_lists import PageLists, build_page_lists
+from .page_lists import PageCSR, PageLists, build_page_csr, build_page_lists
 from .paged import folded_kv_views, make_paged_cache, split_kv
 from .plan import XAttnPlan, plan_prefill
 from .scoring import antidiagonal_scores_paged, scoring_workspace_numel, unpack_scores
 from .selection import masks_from_selection, select_blocks_packed
 
 __all__ = [
+    "PageCSR",
     "PageLists",
     "XAttnPlan",
     "antidiagonal_scores_paged",
+    "build_page_csr",
     "build_page_lists",
     "folded_kv_views",
     "make_paged_cache",

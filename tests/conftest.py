@@ -7,6 +7,10 @@ import torch
 # variable is read when a kernel is decorated, so set it before any test imports.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    # FlashInfer JIT-compiles its fa2 module on first use (~36 s on the H100): one writable
+    # build cache for the tests and the engines they start (read when flashinfer is imported).
+    os.environ.setdefault("FLASHINFER_WORKSPACE_BASE", "/tmp/fiws")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -52,11 +52,36 @@ def test_dense_only_layers_recorded(kw, reason):
     except AssertionError as e:  # FA impl refuses some combos without a GPU (e.g. sinks)
         pytest.skip(str(e))
     if reason is None:
-        # Without a GPU no FA3 is found, which alone keeps a layer dense.
-        assert [r for r in impl.dense_reasons if "FlashAttention version" not in r] == []
-        assert impl.may_run_sparse == (impl.vllm_flash_attn_version == 3)
+        # Without a GPU no executor is available, which alone keeps a layer dense.
+        assert len(impl.dense_reasons) == (impl.executor is None)
+        assert impl.may_run_sparse == (impl.executor is not None)
     else:
         assert any(reason in r for r in impl.dense_reasons) and not impl.may_run_sparse
+
+
+@pytest.mark.parametrize(
+    "choice, fa, head, cap, want, words",
+    [
+        ("auto", 3, 128, (9, 0), "fa3", None),  # Hopper: FA3, measured faster
+        ("auto", 2, 128, (8, 0), "flashinfer", None),  # Ampere: vLLM on FA2
+        ("auto", 4, 64, (10, 0), "flashinfer", None),  # Blackwell: FA4, no FA3
+        ("fa3", 3, 128, (9, 0), "fa3", None),
+        ("fa3", 2, 128, (8, 0), None, "FlashAttention version 2 (executor fa3 needs FA3)"),
+        ("flashinfer", 3, 128, (9, 0), "flashinfer", None),
+        ("flashinfer", 3, 96, (9, 0), None, "executor flashinfer: head_size 96 (FlashInfer supports 64, 128"),
+        ("flashinfer", 2, 128, (7, 5), None, "compute capability (7, 5) (FlashInfer needs >= 8.0)"),
+        ("auto", 2, 80, (8, 6), None, "FlashAttention version 2 (no FA3) and no FlashInfer executor: head_size 80"),
+        ("auto", None, 128, None, None, "compute capability None"),  # no GPU
+    ],
+)
+def test_resolve_executor(choice, fa, head, cap, want, words):
+    from vllm_xattn.backends.executors import resolve_executor
+
+    got, why = resolve_executor(choice, fa_version=fa, head_size=head, capability=cap)
+    assert got == want
+    assert (why is None) == (want is not None)
+    if words:
+        assert words in why, why
 
 
 def test_sinks_reason_without_constructing_fa():

@@ -36,6 +36,24 @@ def test_llm_generate_matches_flash_attn(tmp_path):
     assert "XATTN backend active" in log, "engine did not run the XATTN backend"
 
 
+def test_flashinfer_executor_end_to_end(tmp_path):
+    """executor "flashinfer" through the engine: the builder plans FlashInfer once per step,
+    every layer runs it (threshold 1.0 keeps every block: dense attention, so FLASH_ATTN's
+    greedy tokens), and no step's plan is replaced before its layers ran."""
+    model = write_llama_config(tmp_path / "llama")
+    prompts = _prompts([40, 3000, 9000, 12])
+    common = dict(model=str(model), load_format="dummy", skip_tokenizer_init=True,
+                  max_model_len=16384, max_num_batched_tokens=4096, max_num_seqs=8,
+                  gpu_memory_utilization=0.5, seed=0)
+    ref, _ = generate_in_subprocess({**common, "attention_backend": "FLASH_ATTN"}, prompts, 16)
+    xattn = {"threshold": 1.0, "min_sparse_tokens": 2048, "executor": "flashinfer"}
+    got, log = generate_in_subprocess(
+        {**common, "attention_backend": "XATTN", "additional_config": {"xattn": xattn}}, prompts, 16)
+    assert "XATTN sparse prefill running" in log
+    assert "re-planning" not in log, "a FlashInfer step plan was replaced before its layers ran"
+    assert got == ref
+
+
 def test_openai_server_completions(tmp_path):
     model = write_llama_config(tmp_path / "llama")
     log_path = tmp_path / "serve.log"

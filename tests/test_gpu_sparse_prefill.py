@@ -1,8 +1,12 @@
-"""The sparse prefill path (kernels + FA3 executor over the paged cache) vs the reference."""
+"""The sparse prefill path (kernels + FA3 / FlashInfer executor over the paged cache) vs the
+reference, and the two executors against each other."""
 import pytest
 import torch
 
 from vllm_xattn import reference as ref
+from vllm_xattn.backends.executors import (
+    FA3, FlashInferContext, FlashInferExecutor, densest_page_lists,
+)
 from vllm_xattn.backends.sparse_prefill import ScratchPool, SparsePrefill, SparseStep
 from vllm_xattn.config import XAttnConfig
 from vllm_xattn.kernels import (
@@ -61,3 +65,96 @@ def test_sparse_prefill_matches_reference(granularity, selection, hq, hkv, d, pa
         dense = ref.causal_attention(q.float(), k.float(), v.float(), cu_q.to(dev), cu_k.to(dev))
         assert ((out.float() - dense).norm() / dense.norm()).item() < 1e-2
     assert ref.density(masks) < 1.0 or selection.get("threshold") == 1.0
+
+
+# ----------------------------------------------------------------- FlashInfer executor
+
+
+def _problem(hq, hkv, d, page, reqs=REQS):
+    torch.manual_seed(0)
+    tq, n = [a for a, _ in reqs], [b for _, b in reqs]
+    cu_q = torch.tensor([0] + torch.tensor(tq).cumsum(0).tolist(), dtype=torch.int32)
+    cu_k = torch.tensor([0] + torch.tensor(n).cumsum(0).tolist(), dtype=torch.int32)
+    k = torch.randn(int(cu_k[-1]), hkv, d, device="cuda").to(torch.bfloat16)
+    v = torch.randn_like(k)
+    q = (2.0 * torch.randn(int(cu_q[-1]), hq, d, device="cuda")).to(torch.bfloat16)
+    kv_cache, bt = make_paged_cache(k, v, cu_k, page, num_pages_extra=5,
+                                    generator=torch.Generator().manual_seed(1))
+    return q, k, v, cu_q, cu_k, n, kv_cache, bt
+
+
+@pytest.mark.parametrize("granularity", ["head", "kv_group"])
+@pytest.mark.parametrize("hq, hkv, d, page, chunked", [(8, 2, 128, 16, False), (14, 2, 64, 32, False),
+                                                       (8, 2, 128, 16, True)])
+def test_flashinfer_executor_one_plan_two_layers(monkeypatch, granularity, hq, hkv, d, page, chunked):
+    """One step plan, two layers with different selections (threshold, then ratio), each
+    against the float32 reference on its own selection; the host plan() runs once."""
+    q, k, v, cu_q, cu_k, n, kv_cache, bt = _problem(hq, hkv, d, page)
+    plans = []
+    real_plan = FlashInferContext.plan
+    monkeypatch.setattr(FlashInferContext, "plan", lambda self, fs: (plans.append(fs), real_plan(self, fs)))
+    ex = FlashInferExecutor(num_q_heads=hq, head_dim=d, page_size=page, q_dtype=q.dtype, kv_dtype=q.dtype)
+    hs = hkv if granularity == "kv_group" else hq
+    host_plan = plan_prefill(cu_q, n, block_size=128, stride=8)
+    if chunked:  # two launches per layer sharing the plan
+        _, one, _ = densest_page_lists(host_plan, selection_heads=1, page_size=page, max_keys=2**31 - 1)
+        ex.MAX_KEYS_PER_RUN = int(one[-1]) * page * hs // 2
+    T = int(cu_q[-1])
+    step = SparseStep.from_host_plan(host_plan, block_table=bt, tok_start=0, tok_end=T,
+                                     selection_heads=hs, device="cuda", executor=ex)
+    assert step.executor_step.heads_per_run == (hs // 2 if chunked else hs)
+    cfgs = [XAttnConfig(granularity=granularity, threshold=0.9),
+            XAttnConfig(granularity=granularity, selection="ratio", ratio=0.3)]
+    pool = ScratchPool(max_tokens=T, max_reqs=4, max_seq_len=max(n), num_q_heads=hq, head_dim=d,
+                       dtype=q.dtype, cfg=cfgs[0], page_size=page, device=torch.device("cuda"),
+                       executor="flashinfer")
+    sels = []
+    for cfg in cfgs:
+        sp = SparsePrefill(cfg, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, scale=d ** -0.5, thresholds=None)
+        out = torch.zeros_like(q)
+        sp.run(q, kv_cache, step, out, pool)
+        a = antidiagonal_scores_paged(q, kv_cache, bt, step.plan)
+        counts, ids, _ = select_blocks_packed(a, step.plan, mode=cfg.selection, threshold=cfg.threshold,
+                                              ratio=cfg.ratio, granularity=granularity, num_kv_heads=hkv)
+        masks = [m.to("cuda") for m in masks_from_selection(counts, ids, step.plan)]
+        want = ref.block_sparse_attention(q.float(), k.float(), v.float(), cu_q.cuda(), cu_k.cuda(),
+                                          masks, block_size=128)
+        err = ((out.float() - want).norm() / want.norm()).item()
+        assert err < 1e-2, (cfg.selection, err)
+        sels.append(counts.clone())
+    assert plans.count(step.executor_step) == 1 and plans[-1] is step.executor_step
+    assert not torch.equal(sels[0], sels[1]), "the two layers should select differently"
+
+
+@pytest.mark.parametrize("granularity", ["head", "kv_group"])
+def test_fa3_and_flashinfer_agree(granularity):
+    """Both executors on the same query, cache and selection give the same output."""
+    from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+
+    if get_flash_attn_version() != 3:
+        pytest.skip("needs FA3 (Hopper)")
+    hq, hkv, d, page = 8, 2, 128, 16
+    q, _, _, cu_q, _, n, kv_cache, bt = _problem(hq, hkv, d, page)
+    host_plan = plan_prefill(cu_q, n, block_size=128, stride=8)
+    hs = hkv if granularity == "kv_group" else hq
+    group = hq // hs
+    T = int(cu_q[-1])
+    cfg = XAttnConfig(granularity=granularity, threshold=0.9)
+    pool = ScratchPool(max_tokens=T, max_reqs=4, max_seq_len=max(n), num_q_heads=hq, head_dim=d,
+                       dtype=q.dtype, cfg=cfg, page_size=page, device=torch.device("cuda"),
+                       executor="flashinfer")
+    ex = FlashInferExecutor(num_q_heads=hq, head_dim=d, page_size=page, q_dtype=q.dtype, kv_dtype=q.dtype)
+    outs = []
+    for executor in (FA3, ex):
+        step = SparseStep.from_host_plan(host_plan, block_table=bt, tok_start=0, tok_end=T,
+                                         selection_heads=hs, device="cuda", executor=executor)
+        a = antidiagonal_scores_paged(q, kv_cache, bt, step.plan)
+        counts, ids, _ = select_blocks_packed(a, step.plan, threshold=0.9, granularity=granularity,
+                                              num_kv_heads=hkv)
+        q_hm = q.view(T, hs, group, d).transpose(0, 1).contiguous().view(hs * T, group, d)
+        o = torch.zeros_like(q_hm)
+        executor.run(q_hm, o, counts, ids, kv_cache, step, pool, granularity=granularity,
+                     num_kv_heads=hkv, scale=d ** -0.5)
+        outs.append(o.float())
+    err = ((outs[0] - outs[1]).norm() / outs[0].norm()).item()
+    assert err < 5e-3, err

@@ -19,6 +19,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from vllm_xattn.kernels import (  # noqa: E402
     antidiagonal_scores_paged,
+    build_page_csr,
     build_page_lists,
     folded_kv_views,
     make_paged_cache,
@@ -378,3 +379,86 @@ def test_page_lists_end_to_end(device, case, granularity):
         for m in range((h1 - h0) * tqb):
             n_pg = math.ceil(int(part.seqused_k[m]) / p["kv"].shape[2])
             assert torch.equal(part.page_table[m, :n_pg], lists.page_table[sl][m, :n_pg])
+
+
+# --------------------------------------------------------------------------- page lists as CSR (FlashInfer)
+
+
+def attend_csr(p, csr, n_mini, q_mini):
+    """Reference attention per mini-request the way FlashInfer's paged prefill reads a CSR:
+    key length ``(pages - 1) * page_size + last_page_len``, bottom-right causal."""
+    kf, vf, _ = folded_kv_views(p["kv"].cpu())
+    page = p["kv"].shape[2]
+    ip, ind, last = csr.indptr.cpu(), csr.indices.cpu(), csr.last_page_len.cpu()
+    d = q_mini.shape[-1]
+    cu = p["cu_mini"]
+    out = torch.zeros_like(q_mini, dtype=torch.float32)
+    for m in range(n_mini):
+        pages = ind[int(ip[m]):int(ip[m + 1])].long()
+        n_k = (len(pages) - 1) * page + int(last[m])
+        kk = kf[pages].reshape(-1, d)[:n_k].float()
+        vv = vf[pages].reshape(-1, d)[:n_k].float()
+        q0, q1 = int(cu[m]), int(cu[m + 1])
+        lq = q1 - q0
+        s = torch.einsum("tgd,nd->gtn", q_mini[q0:q1].float(), kk) / math.sqrt(d)
+        allowed = torch.arange(n_k)[None, :] <= (n_k - lq + torch.arange(lq))[:, None]
+        out[q0:q1] = torch.einsum("gtn,nd->tgd", torch.softmax(s.masked_fill(~allowed, float("-inf")), -1), vv)
+    return out
+
+
+@pytest.mark.parametrize("granularity", ["head", "kv_group"])
+@pytest.mark.parametrize("device,case", PAGE_LIST_CASES)
+def test_page_csr_matches_page_lists(device, case, granularity):
+    """Same page ids as the padded lists, rows packed back to back, nothing written past the
+    last row (the diagonal block's tail is clipped), last_page_len in 1..page_size."""
+    p = make_problem(case, device)
+    hkv, page = p["hkv"], p["kv"].shape[2]
+    kw = dict(granularity=granularity, num_kv_heads=hkv)
+    counts, ids, _ = select_blocks_packed(kernel_scores(p), p["plan"], mode="threshold", threshold=0.8, **kw)
+    lists = build_page_lists(counts, ids, p["bt"], p["kv"], p["plan"], **kw)
+    indices = torch.full((lists.page_table.numel() + 64,), -7, dtype=torch.int32, device=device)
+    csr = build_page_csr(counts, ids, p["bt"], p["kv"], p["plan"], indices=indices, **kw)
+    sk, pt, ind = lists.seqused_k.cpu(), lists.page_table.cpu(), indices.cpu()
+    ip, last = csr.indptr.cpu().tolist(), csr.last_page_len.cpu()
+    assert ip[0] == 0 and len(ip) == len(sk) + 1
+    for m in range(len(sk)):
+        n = math.ceil(int(sk[m]) / page)
+        assert ip[m + 1] - ip[m] == n
+        assert torch.equal(ind[ip[m]:ip[m + 1]], pt[m, :n])
+        assert int(last[m]) == int(sk[m]) - (n - 1) * page and 1 <= int(last[m]) <= page
+    assert (ind[ip[-1]:] == -7).all()
+
+
+@pytest.mark.parametrize("granularity", ["head", "kv_group"])
+@pytest.mark.parametrize("device,case", PAGE_LIST_CASES)
+def test_page_csr_end_to_end_reused_buffers(device, case, granularity):
+    """Two layers' selections (dense-ish, then sparse) written in turn into the same buffers,
+    whole and per head chunk, each executed the FlashInfer way, match the reference."""
+    p = make_problem(case, device)
+    hq, hkv, T, d = p["q"].shape[1], p["hkv"], p["q"].shape[0], p["q"].shape[2]
+    group = hq // hkv if granularity == "kv_group" else 1
+    hs = hq // group
+    plan_cpu = p["plan"].to("cpu")
+    idx = plan_cpu.query_index(hq, group)
+    q_mini = p["q"].reshape(-1, d)[idx].view(hs * T, group, d)
+    tqb = plan_cpu.total_q_blocks
+    buf = dict(indptr=torch.empty(hs * tqb + 1, dtype=torch.int32, device=device),
+               last_page_len=torch.empty(hs * tqb, dtype=torch.int32, device=device),
+               indices=torch.empty(hs * tqb * plan_cpu.max_kb * p["B"] // p["kv"].shape[2] + 5,
+                                   dtype=torch.int32, device=device))
+    kw = dict(granularity=granularity, num_kv_heads=hkv)
+    for sel in (dict(mode="threshold", threshold=0.95), dict(mode="topk", topk=2)):
+        counts, ids, _ = select_blocks_packed(kernel_scores(p), p["plan"], **sel, **kw)
+        masks = masks_from_selection(counts, ids, p["plan"])
+        want = block_sparse_attention(p["q"], p["k"], p["v"], p["cu_q"], p["cu_k"], masks, block_size=p["B"])
+        for h0, h1 in ((0, hs),) + (((1, hs),) if hs > 1 else ()):
+            csr = build_page_csr(counts, ids, p["bt"], p["kv"], p["plan"], heads=(h0, h1), **buf, **kw)
+            p["cu_mini"] = plan_cpu.mini_cu_seqlens_q(h1 - h0)
+            got = attend_csr(p, csr, (h1 - h0) * tqb, q_mini[h0 * T:h1 * T])
+            full = torch.empty(hs * T, group, d)
+            full[h0 * T:h1 * T] = got
+            out = torch.empty(T * hq, d)
+            out[idx] = full.reshape(-1, d)
+            out = out.view(T, hs, group, d)[:, h0:h1].reshape(T, -1, d)
+            ref = want.view(T, hs, group, d)[:, h0:h1].reshape(T, -1, d)
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4, msg=lambda m: f"{sel} heads {h0}:{h1}: {m}")

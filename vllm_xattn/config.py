@@ -55,8 +55,9 @@ class XAttnConfig(BaseModel):
     )
     dense_layers: int = Field(0, ge=0, description="The first N layers always run dense.")
     executor: Literal["auto", "fa3", "flashinfer"] = Field(
-        "auto", description="Block-sparse executor ('auto' = FA3, the one measured faster "
-        "on the H100; 'flashinfer' is not available yet)."
+        "auto", description="Block-sparse executor: 'fa3' (vLLM's FA3 varlen kernel), "
+        "'flashinfer' (FlashInfer fa2 paged prefill), or 'auto': FA3 where vLLM runs FA3 "
+        "(Hopper; measured faster there, DESIGN.md section 2), FlashInfer elsewhere.",
     )
     threshold_file: Path | None = Field(
         None,
@@ -70,8 +71,6 @@ class XAttnConfig(BaseModel):
             raise ValueError("selection='topk' needs `topk` (an integer >= 1)")
         if self.selection == "ratio" and self.ratio is None:
             raise ValueError("selection='ratio' needs `ratio` (0 < ratio <= 1)")
-        if self.executor == "flashinfer":
-            raise ValueError('executor "flashinfer" is not available yet; allowed: "auto", "fa3"')
         if self.threshold_file is not None:
             load_threshold_table(self.threshold_file)  # fail now, not in a worker
         return self
