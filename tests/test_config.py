@@ -13,7 +13,7 @@ from vllm_xattn.config import (
 
 def test_defaults():
     c = parse_xattn_config(None)
-    assert (c.stride, c.threshold, c.block_size, c.selection) == (8, 0.9, 128, "threshold")
+    assert (c.stride, c.threshold, c.block_size, c.selection) == (8, 0.98, 128, "threshold")
     assert (c.granularity, c.executor, c.dense_layers) == ("head", "auto", 0)
     assert c.min_sparse_tokens == DEFAULT_MIN_SPARSE_TOKENS
     assert parse_xattn_config({}) == c
