@@ -1,11 +1,13 @@
 """Optional log of the density the sparse path really ran at (``XATTN_DENSITY_LOG=DIR``).
 
-Off by default. When on, each sparse layer call records its selected-block count (a device
-scalar, no sync) and its candidate count (host int from the plan); the metadata builder
-flushes the previous step's records at the next ``build()``, one host sync per scheduler
-step. Each process appends JSON lines to ``DIR/density-<pid>.jsonl``:
-``{"layer": 3, "tokens": 8192, "selected": 123, "candidates": 456}``. Benchmarks read them
-with ``read_density``.
+Off by default. When on, each sparse layer call records its selection counts (the device
+tensor [heads, query blocks], no sync) and its candidate count per head (host int from the
+plan); the metadata builder flushes the previous step's records at the next ``build()``, one
+host sync per scheduler step. Each process appends JSON lines to ``DIR/density-<pid>.jsonl``:
+``{"layer": 3, "tokens": 8192, "head_offset": 0, "selected_per_head": [...],
+"candidates_per_head": 456, "selected": 123, "candidates": 456 * heads}``; ``head_offset`` is the
+rank's first query head under tensor parallelism, so ranks' logs merge into per-head figures.
+Benchmarks and the tensor-parallel test read them with ``read_density``.
 """
 from __future__ import annotations
 
@@ -23,20 +25,25 @@ class DensityLog:
     def __init__(self, directory: str):
         Path(directory).mkdir(parents=True, exist_ok=True)
         self.path = Path(directory) / f"density-{os.getpid()}.jsonl"
-        self.pending: list[tuple[int, int, torch.Tensor, int]] = []
+        self.pending: list[tuple[int, int, int, torch.Tensor, int]] = []
         atexit.register(self.flush)
 
-    def record(self, layer: int, tokens: int, selected: torch.Tensor, candidates: int) -> None:
-        self.pending.append((layer, tokens, selected, candidates))
+    def record(self, layer: int, tokens: int, head_offset: int, counts: torch.Tensor,
+               candidates_per_head: int) -> None:
+        """``counts``: int [heads, query blocks], selected key blocks per row (device)."""
+        self.pending.append((layer, tokens, head_offset, counts, candidates_per_head))
 
     def flush(self) -> None:
         if not self.pending:
             return
-        counts = torch.stack([p[2].reshape(()).to(torch.int64) for p in self.pending]).tolist()
+        per_head = torch.cat([p[3].sum(1, dtype=torch.int64) for p in self.pending]).tolist()
         with open(self.path, "a") as f:
-            for (layer, tokens, _, cand), sel in zip(self.pending, counts):
-                f.write(json.dumps(dict(layer=layer, tokens=tokens, selected=sel,
-                                        candidates=cand)) + "\n")
+            i = 0
+            for layer, tokens, offset, counts, cand in self.pending:
+                sel, i = per_head[i: i + counts.shape[0]], i + counts.shape[0]
+                f.write(json.dumps(dict(layer=layer, tokens=tokens, head_offset=offset,
+                                        selected_per_head=sel, candidates_per_head=cand,
+                                        selected=sum(sel), candidates=cand * len(sel))) + "\n")
         self.pending.clear()
 
 
@@ -52,9 +59,10 @@ def density_log() -> DensityLog | None:
 
 
 def read_density(directory: str | Path) -> dict:
-    """Totals of every record under ``directory``: overall density and per-layer density
-    (selected / candidate causal blocks, over all heads, rows and steps)."""
-    sel, cand, by_layer = 0, 0, {}
+    """Totals of every record under ``directory`` (all processes, e.g. tensor-parallel ranks):
+    overall density, per layer, and per (layer, global query head): selected / candidate
+    causal blocks over rows and steps."""
+    sel, cand, by_layer, by_head = 0, 0, {}, {}
     for p in sorted(Path(directory).glob("density-*.jsonl")):
         for line in p.read_text().splitlines():
             r = json.loads(line)
@@ -62,5 +70,10 @@ def read_density(directory: str | Path) -> dict:
             cand += r["candidates"]
             s, c = by_layer.get(r["layer"], (0, 0))
             by_layer[r["layer"]] = (s + r["selected"], c + r["candidates"])
+            for h, n in enumerate(r["selected_per_head"]):
+                key = (r["layer"], r["head_offset"] + h)
+                s, c = by_head.get(key, (0, 0))
+                by_head[key] = (s + n, c + r["candidates_per_head"])
     return dict(density=sel / cand if cand else None, selected=sel, candidates=cand,
-                per_layer={k: s / c for k, (s, c) in sorted(by_layer.items()) if c})
+                per_layer={k: s / c for k, (s, c) in sorted(by_layer.items()) if c},
+                per_head={k: s / c for k, (s, c) in sorted(by_head.items()) if c})

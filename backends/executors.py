@@ -102,12 +102,19 @@ class Fa3Executor:
                                  granularity=granularity, num_kv_heads=num_kv_heads,
                                  page_table=pool.page_table, cu_seqlens_q=step.mini_cu_seqlens_q)
         k_pages, v_pages, _ = folded_kv_views(kv_cache)
+        # num_splits=1: for varlen calls FA3 sizes its split-KV heuristic as if the batch were
+        # one sequence (hopper/flash_api.cpp, get_num_splits after num_splits_dynamic_ptr is set
+        # to a dummy): with one head and one 128-row block per mini-request it picks ~109 splits
+        # whenever there are <= 992 mini-requests (a sparse suffix under ~4K tokens at 32 heads)
+        # and allocates float32 [splits, heads * T, D] partial outputs: 5.73 GiB at T = 3445,
+        # outside vLLM's memory profile (a mixed-serving OOM). Above 992 mini-requests FA3 uses
+        # one split anyway; below, splitting only helps short suffixes, which are cheap steps.
         yield lambda: flash_attn_varlen_func(
             q=q, k=k_pages, v=v_pages,
             cu_seqlens_q=lists.cu_seqlens_q, max_seqlen_q=lists.max_seqlen_q,
             seqused_k=lists.seqused_k, max_seqlen_k=lists.max_seqlen_k,
             softmax_scale=scale, causal=True, block_table=lists.page_table,
-            fa_version=3, out=out,
+            fa_version=3, out=out, num_splits=1,
         )
 
 

@@ -167,8 +167,8 @@ class SparsePrefill:
 
     def run(self, query: torch.Tensor, kv_cache: torch.Tensor, step: SparseStep,
             output: torch.Tensor, pool: ScratchPool) -> torch.Tensor:
-        """Attention of ``query[tok_start:tok_end]`` into ``output`` rows; returns the number
-        of selected (head, query block, key block) triples as a device scalar."""
+        """Attention of ``query[tok_start:tok_end]`` into ``output`` rows; returns the selection
+        counts, int32 [Hq, packed query blocks] on the device (``.sum()``: selected blocks)."""
         cfg, plan = self.cfg, step.plan
         if step.executor is None:
             raise RuntimeError("XATTN: this step has no sparse executor (see the layer's dense reasons)")
@@ -178,7 +178,7 @@ class SparsePrefill:
         scores = pool.scores[:, : plan.total_q_blocks, : plan.max_kb]
         a = antidiagonal_scores_paged(q, kv_cache, step.block_table, plan, out=scores,
                                       workspace=pool.workspace, num_programs=pool.num_programs)
-        counts, ids, n_sel = select_blocks_packed(
+        counts, ids, _ = select_blocks_packed(
             a, plan, mode=cfg.selection,
             threshold=self._tau(q.device),
             topk=cfg.topk, ratio=cfg.ratio, granularity=cfg.granularity,
@@ -194,4 +194,4 @@ class SparsePrefill:
                           num_kv_heads=self.hkv, scale=self.scale)
         out = output[step.tok_start:step.tok_end].view(T, heads, group, self.d)
         out.copy_(o_hm.transpose(0, 1))
-        return n_sel
+        return counts

@@ -198,6 +198,7 @@ class XAttentionImpl(FlashAttentionImpl):
         self._sparse: SparsePrefill | None = None  # set up at the first forward (needs the layer)
         self._layer_checked = False
         self._layer_index: int | None = None
+        self._head_offset = 0  # first query head of this tensor-parallel rank (density log)
         self._pool: ScratchPool | None = None  # shared by all layers, see ScratchPool.get
 
     @property
@@ -219,14 +220,15 @@ class XAttentionImpl(FlashAttentionImpl):
         if index is not None and index < self.xattn.dense_layers:
             self.dense_reasons.append(f"layer {index} < dense_layers")
             return
+        tp_rank = 0
+        if self._vllm_config is not None and self._vllm_config.parallel_config.tensor_parallel_size > 1:
+            from vllm.distributed import get_tensor_model_parallel_rank
+
+            tp_rank = get_tensor_model_parallel_rank()
+        self._head_offset = tp_rank * self.num_heads  # query heads are split evenly over ranks
         thresholds = None
         if self.xattn.threshold_file is not None and self.xattn.selection == "threshold":
             table = load_threshold_table(self.xattn.threshold_file)
-            tp_rank = 0
-            if self._vllm_config is not None and self._vllm_config.parallel_config.tensor_parallel_size > 1:
-                from vllm.distributed import get_tensor_model_parallel_rank
-
-                tp_rank = get_tensor_model_parallel_rank()
             if index is None or index >= len(table) or len(table[0]) < (tp_rank + 1) * self.num_heads:
                 raise ValueError(
                     f"threshold_file {self.xattn.threshold_file}: no thresholds for layer {index} "
@@ -263,13 +265,13 @@ class XAttentionImpl(FlashAttentionImpl):
                 super().forward(layer, query, key, value, kv_cache, attn_metadata.dense, output,
                                 output_scale, output_block_scale)
             logger.info_once("XATTN sparse prefill running")
-            n_sel = self._sparse.run(query, kv_cache, sparse_step,
-                                     output.view(-1, self.num_heads, self.head_size),
-                                     self._scratch(query.device, query.dtype))
+            counts = self._sparse.run(query, kv_cache, sparse_step,
+                                      output.view(-1, self.num_heads, self.head_size),
+                                      self._scratch(query.device, query.dtype))
             if (log := density_log()) is not None:
                 log.record(self._layer_index if self._layer_index is not None else -1,
-                           sparse_step.tok_end - sparse_step.tok_start, n_sel,
-                           self.num_heads * sparse_step.candidate_blocks)
+                           sparse_step.tok_end - sparse_step.tok_start, self._head_offset,
+                           counts, sparse_step.candidate_blocks)
             return output
         return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                output_scale, output_block_scale)

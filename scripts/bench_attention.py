@@ -94,7 +94,7 @@ def main():
                 ex_fl = executor_flops(build_page_lists(counts, ids, bt, kv, plan), 1, d)
                 for name, step in steps.items():
                     o = torch.empty_like(q)
-                    density = int(sp.run(q, kv, step, o, pool)) / cand
+                    density = int(sp.run(q, kv, step, o, pool).sum()) / cand
                     total_ms = do_bench(lambda: sp.run(q, kv, step, o, pool), warmup=3, rep=60)
                     # The executor's kernels alone on the same page lists (built before each launch).
                     exec_ms = sum(do_bench(launch, warmup=3, rep=60) for launch in step.executor.launches(

@@ -208,23 +208,27 @@ def test_density_log_records_sparse_layers_and_flushes_per_step(dispatch, monkey
     monkeypatch.setenv(dl.ENV_VAR, str(tmp_path))
     monkeypatch.setattr(dl, "_log", None)
     impl, sparse, rec = dispatch
+    counts = torch.arange(16, dtype=torch.int32).view(8, 2)  # 8 q heads x 2 query blocks
 
     class CountingSparse:
         def run(self, query, kv_cache, step, output, pool):
-            return torch.tensor(30)
+            return counts
 
-    impl._sparse, impl._layer_index = CountingSparse(), 5
-    step = type("Step", (), dict(tok_start=2, tok_end=10, candidate_blocks=6))()
+    impl._sparse, impl._layer_index, impl._head_offset = CountingSparse(), 5, 8  # TP rank 1
+    step = type("Step", (), dict(tok_start=2, tok_end=10, candidate_blocks=40))()
     full = XAttentionMetadata(**dataclasses.asdict(_fa_metadata()), dense=None, sparse=step)
     impl.forward(attn_metadata=full, **_args())
     impl.forward(attn_metadata=full, **_args())
     assert dl.read_density(tmp_path)["candidates"] == 0  # nothing synced before the next step
     dl.density_log().flush()  # what the builder does at the start of the next build()
     got = dl.read_density(tmp_path)
-    assert got["selected"] == 60 and got["candidates"] == 2 * 8 * 6  # 8 q heads x 6 blocks
-    assert got["density"] == pytest.approx(60 / 96) and got["per_layer"] == {5: pytest.approx(60 / 96)}
+    total = int(counts.sum())
+    assert got["selected"] == 2 * total and got["candidates"] == 2 * 8 * 40
+    assert got["density"] == pytest.approx(total / 320) and got["per_layer"] == {5: pytest.approx(total / 320)}
+    # per (layer, global head): head h of this rank is global head 8 + h
+    assert got["per_head"][(5, 8)] == pytest.approx(1 / 40) and got["per_head"][(5, 15)] == pytest.approx(29 / 40)
     line = (tmp_path / f"density-{__import__('os').getpid()}.jsonl").read_text().splitlines()[0]
-    assert '"tokens": 8' in line
+    assert '"tokens": 8' in line and '"head_offset": 8' in line
 
 
 def test_sparse_step_counts_causal_candidates():

@@ -163,3 +163,51 @@ def test_replanned_when_another_step_was_planned(monkeypatch):
                   thresholds=None).run(q, kv, first, out, pool)
     assert ctx.plans == 3 and ctx.current is first.executor_step
     assert math.isfinite(float(out.abs().sum()))
+
+
+def fake_fa3_varlen(calls):
+    """Exact emulation of vLLM's FA3 ``flash_attn_varlen_func`` over a paged cache (causal,
+    bottom-right aligned, ``seqused_k`` keys per sequence), recording its keyword arguments."""
+    def fa3(*, q, k, v, cu_seqlens_q, seqused_k, block_table, softmax_scale, causal, out, **kw):
+        calls.append(dict(kw, causal=causal))
+        page = k.shape[1]
+        for m in range(cu_seqlens_q.numel() - 1):
+            a, b, n = int(cu_seqlens_q[m]), int(cu_seqlens_q[m + 1]), int(seqused_k[m])
+            pages = block_table[m, : -(-n // page)].long()
+            km, vm = (x[pages].reshape(-1, x.shape[2], x.shape[3])[:n].float() for x in (k, v))
+            qm = q[a:b].float()  # (Lq, G, D); one KV head per sequence (folded views)
+            s = torch.einsum("qgd,kd->gqk", qm, km[:, 0]) * softmax_scale
+            i, j = torch.arange(b - a)[:, None], torch.arange(n)[None, :]
+            s = s.masked_fill(j > n - (b - a) + i, float("-inf"))
+            out[a:b] = torch.einsum("gqk,kd->qgd", s.softmax(-1), vm[:, 0]).to(out.dtype)
+    return fa3
+
+
+@pytest.mark.parametrize("granularity", ["head", "kv_group"])
+def test_fa3_executor_page_lists_give_the_reference_and_one_split(monkeypatch, granularity):
+    import sys
+    import types
+
+    calls = []  # the real module needs CUDA extensions: stand in for it
+    monkeypatch.setitem(sys.modules, "vllm.vllm_flash_attn",
+                        types.SimpleNamespace(flash_attn_varlen_func=fake_fa3_varlen(calls)))
+    q, k, v, cu_q, cu_k, kv, bt, host_plan = problem(seed=2)
+    T = int(cu_q[-1])
+    hs = HKV if granularity == "kv_group" else HQ
+    step = SparseStep.from_host_plan(host_plan, block_table=bt, tok_start=0, tok_end=T,
+                                     selection_heads=hs, device="cpu")
+    cfg = XAttnConfig(block_size=B, stride=S, granularity=granularity, threshold=0.9)
+    pool = ScratchPool(max_tokens=T, max_reqs=4, max_seq_len=max(n for _, n in REQS), num_q_heads=HQ,
+                       head_dim=D, dtype=q.dtype, cfg=cfg, page_size=PAGE, device="cpu")
+    out = torch.zeros_like(q)
+    counts = SparsePrefill(cfg, num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, scale=0.3,
+                           thresholds=None).run(q, kv, step, out, pool)
+    ids = select_blocks_packed(antidiagonal_scores_paged(q, kv, bt, step.plan), step.plan,
+                               threshold=0.9, granularity=granularity, num_kv_heads=HKV)
+    assert torch.equal(counts, ids[0])
+    want = ref.block_sparse_attention(q, k, v, cu_q, cu_k, masks_from_selection(*ids[:2], step.plan),
+                                      block_size=B, scale=0.3)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+    # FA3's split-KV heuristic must not run: it sizes float32 partial outputs of
+    # [splits, heads * T, D] from a one-sequence view of the batch (the mixed-serving OOM).
+    assert len(calls) == 1 and calls[0]["num_splits"] == 1 and calls[0]["fa_version"] == 3
