@@ -46,16 +46,20 @@ llm = LLM(**spec["llm"])
 params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True)
 outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]], params)
 print("TOKENS=" + json.dumps([list(o.outputs[0].token_ids) for o in outs]))
+import os
+if os.environ.get("XATTN_DENSITY_LOG"):  # one more step flushes the last step's density records
+    llm.generate([TokensPrompt(prompt_token_ids=[1, 2, 3])], SamplingParams(max_tokens=1))
 """
 
 
 def generate_in_subprocess(llm_kwargs: dict, prompts: list[list[int]], max_tokens: int,
-                           timeout: int = 900) -> tuple[list[list[int]], str]:
-    """Greedy token ids from a fresh process (one engine per process), and its log."""
+                           timeout: int = 900, env: dict | None = None) -> tuple[list[list[int]], str]:
+    """Greedy token ids from a fresh process (one engine per process), and its log. ``env``:
+    extra environment variables (they reach the engine's worker processes too)."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump({"llm": llm_kwargs, "prompts": prompts, "max_tokens": max_tokens}, f)
     out = subprocess.run([sys.executable, "-c", GENERATE, f.name], capture_output=True,
-                         text=True, timeout=timeout, env=ENV)
+                         text=True, timeout=timeout, env={**ENV, **(env or {})})
     os.unlink(f.name)
     log = out.stdout + out.stderr
     save_log(f"generate-{llm_kwargs.get('attention_backend', 'auto')}", log)
