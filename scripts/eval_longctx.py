@@ -67,8 +67,7 @@ def main():
     ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32000])
     ap.add_argument("--depths", type=int, default=10)
     ap.add_argument("--settings", nargs="+", default=[
-        "dense", "{}", '{"threshold": 0.95}', '{"stride": 16}',
-        '{"stride": 16, "threshold": 0.95}'])
+        "dense", "{}", '{"threshold": 0.95}', '{"threshold": 0.9}', '{"stride": 16}'])
     ap.add_argument("--min-sparse-tokens", type=int, default=4096,
                     help="for the XATTN settings, so that every probe length runs sparse")
     ap.add_argument("--windows", type=int, default=4, help="text windows for agreement")
