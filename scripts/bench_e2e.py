@@ -130,7 +130,7 @@ def main():
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192, 16384, 32768])
     ap.add_argument("--settings", nargs="+", default=["dense", "{}"])
     ap.add_argument("--prompts-per-length", type=int, default=2)
-    ap.add_argument("--short-prompts", type=int, default=10, help="prompts per length under 8K")
+    ap.add_argument("--short-prompts", type=int, default=30, help="prompts per length under 8K")
     ap.add_argument("--out", default="benchmarks/results/e2e_h100.json")
     ap.add_argument("--log-dir", default="/tmp/bench_e2e",
                     help="server logs and measured.json: settings measured there are not rerun, "
