@@ -17,9 +17,10 @@ from vllm_xattn.backends.executors import (
 from vllm_xattn.backends.sparse_prefill import ScratchPool, SparsePrefill, SparseStep
 from vllm_xattn.config import XAttnConfig
 from vllm_xattn.kernels import (
-    antidiagonal_scores_paged, build_page_csr, make_paged_cache, masks_from_selection, plan_prefill,
+    antidiagonal_scores_paged, build_page_csr, masks_from_selection, plan_prefill,
     select_blocks_packed,
 )
+from tests.test_kernels_interpret import make_problem
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="CPU variant (Triton interpreter)")
@@ -29,16 +30,8 @@ HQ, HKV, D, B, S, PAGE = 4, 2, 16, 64, 4, 16
 
 
 def problem(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    tq, n = [a for a, _ in REQS], [b for _, b in REQS]
-    cu_q = torch.tensor([0] + torch.tensor(tq).cumsum(0).tolist(), dtype=torch.int32)
-    cu_k = torch.tensor([0] + torch.tensor(n).cumsum(0).tolist(), dtype=torch.int32)
-    q = torch.randn(int(cu_q[-1]), HQ, D, generator=g) * 2
-    k = torch.randn(int(cu_k[-1]), HKV, D, generator=g)
-    v = torch.randn(int(cu_k[-1]), HKV, D, generator=g)
-    kv, bt = make_paged_cache(k, v, cu_k, PAGE, num_pages_extra=3, generator=g)
-    plan = plan_prefill(cu_q, n, block_size=B, stride=S, block_m=16, block_n=16)
-    return q, k, v, cu_q, cu_k, kv, bt, plan
+    p = make_problem((REQS, HQ, HKV, D, B, S, PAGE, 16, 16), "cpu", seed=seed)
+    return tuple(p[x] for x in ("q", "k", "v", "cu_q", "cu_k", "kv", "bt", "plan"))
 
 
 def test_densest_lists_are_the_all_blocks_selection():

@@ -9,10 +9,9 @@ import torch
 
 from vllm_xattn.backends.sparse_prefill import SparseStep, plan_sparse_suffix
 from vllm_xattn.config import XAttnConfig
-from tests.test_kernels_interpret import attend_page_lists
+from tests.test_kernels_interpret import attend_page_lists, make_problem
 from vllm_xattn.kernels import (
-    antidiagonal_scores_paged, build_page_lists, make_paged_cache, masks_from_selection,
-    select_blocks_packed,
+    antidiagonal_scores_paged, build_page_lists, masks_from_selection, select_blocks_packed,
 )
 from vllm_xattn.reference import block_sparse_attention
 
@@ -29,13 +28,8 @@ def test_split_and_page_lists_match_reference():
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = XAttnConfig(block_size=64, stride=4, threshold=0.8, min_sparse_tokens=128)
     hq, hkv, d, page = 4, 2, 16, 16
-    g = torch.Generator().manual_seed(0)
-    qsl = torch.tensor([0] + torch.tensor(QUERY_LENS).cumsum(0).tolist(), dtype=torch.int32)
-    cu_k = torch.tensor([0] + torch.tensor(SEQ_LENS).cumsum(0).tolist(), dtype=torch.int32)
-    q = torch.randn(int(qsl[-1]), hq, d, generator=g) * 2
-    k = torch.randn(int(cu_k[-1]), hkv, d, generator=g)
-    v = torch.randn(int(cu_k[-1]), hkv, d, generator=g)
-    kv, bt = make_paged_cache(k, v, cu_k, page, num_pages_extra=4, generator=g)
+    p = make_problem((list(zip(QUERY_LENS, SEQ_LENS)), hq, hkv, d, 64, 4, page, 16, 16), "cpu")
+    q, k, v, qsl, cu_k, kv, bt = (p[x] for x in ("q", "k", "v", "cu_q", "cu_k", "kv", "bt"))
 
     first, plan = plan_sparse_suffix(qsl, torch.tensor(SEQ_LENS), cfg, block_m=16, block_n=16)
     assert first == 3  # decodes and the 40-token prefill stay dense
