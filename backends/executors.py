@@ -80,18 +80,23 @@ def resolve_executor(choice: str, *, fa_version: int | None, head_size: int,
     return None, f"FlashAttention version {fa_version} (no FA3) and no FlashInfer executor: {why}"
 
 
-class Fa3Executor:
+class _Executor:
+    """An executor yields its kernel calls from ``launches`` (benchmarks time them alone);
+    ``run`` makes them all."""
+
+    def run(self, q, out, counts, ids, kv_cache, step, pool, **kw) -> None:
+        """``q`` / ``out``: the head-major query and output ``(heads * T, group, D)``."""
+        for launch in self.launches(q, out, counts, ids, kv_cache, step, pool, **kw):
+            launch()
+
+
+class Fa3Executor(_Executor):
     """vLLM's FA3 varlen kernel over a padded per-mini-request page table; no plan."""
 
     name = "fa3"
 
     def plan_step(self, plan, *, selection_heads: int, device) -> None:
         return None
-
-    def run(self, q, out, counts, ids, kv_cache, step, pool, **kw) -> None:
-        """``q`` / ``out``: the head-major query and output ``(heads * T, group, D)``."""
-        for launch in self.launches(q, out, counts, ids, kv_cache, step, pool, **kw):
-            launch()
 
     def launches(self, q, out, counts, ids, kv_cache, step, pool, *, granularity: str,
                  num_kv_heads: int, scale: float):
@@ -223,7 +228,7 @@ def _plan_args(qo_indptr, kv_indptr, last_page_len, *, group, head_dim, page_siz
     )
 
 
-class FlashInferExecutor:
+class FlashInferExecutor(_Executor):
     """FlashInfer fa2 paged prefill over CSR page lists: planned once per step, run per layer."""
 
     name = "flashinfer"
@@ -256,11 +261,6 @@ class FlashInferExecutor:
         fs = FlashInferStep(self.ctx, args, heads, int(kv_indptr[-1]))
         self.ctx.plan(fs)
         return fs
-
-    def run(self, q, out, counts, ids, kv_cache, step, pool, **kw) -> None:
-        """``q`` / ``out``: the head-major query and output ``(heads * T, group, D)``."""
-        for launch in self.launches(q, out, counts, ids, kv_cache, step, pool, **kw):
-            launch()
 
     def launches(self, q, out, counts, ids, kv_cache, step, pool, *, granularity: str,
                  num_kv_heads: int, scale: float):
