@@ -89,7 +89,7 @@ def measure_setting(model: str, setting: str, server: list[str], args, log_dir: 
             res[n] = r["median_ttft_ms"]
             dens[n], totals = measured_density(url, model, density_dir, totals)
             print(f"{setting} {n}: TTFT {res[n]:.1f} ms, density {dens[n]}", flush=True)
-        per_layer = read_density(density_dir)["per_layer"]
+        per_layer = totals["per_layer"]  # everything logged so far: warm-up and TTFT runs
         dec = bench_serve(url, model, input_len=1024, output_len=256, num_prompts=64,
                           concurrency=32, seed=100)
         mixed = bench_serve(url, model, input_len=max(args.lengths) // 8, output_len=64,

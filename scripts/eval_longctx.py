@@ -25,7 +25,7 @@ from bench_common import line_plot, write_records  # noqa: E402
 from longctx_tasks import build_probes, is_correct  # noqa: E402
 from serve_util import measured_density, post, vllm_server  # noqa: E402
 
-from vllm_xattn.backends.density_log import ENV_VAR, read_density  # noqa: E402
+from vllm_xattn.backends.density_log import ENV_VAR  # noqa: E402
 
 
 def parse_setting(text: str) -> dict:
@@ -104,10 +104,10 @@ def main():
         shutil.rmtree(density_dir, ignore_errors=True)
         with vllm_server(args.model, server_args, log, env={ENV_VAR: str(density_dir)}) as url:
             ok = run_needles(url, args.model, probes, args.workers)
-            density, _ = measured_density(url, args.model, density_dir,
-                                          dict(selected=0, candidates=0))
+            density, totals = measured_density(url, args.model, density_dir,
+                                               dict(selected=0, candidates=0))
             lp = run_prompt_logprobs(url, args.model, windows, args.workers)
-        per_layer = read_density(density_dir)["per_layer"]
+        per_layer = totals["per_layer"]  # over the probes, like ``density``
         results[name] = dict(knobs=knobs, ok=ok, logprobs=lp, density=density, per_layer=per_layer)
         print(f"{name}: needle acc {sum(ok) / len(ok):.3f}, density {density}", flush=True)
 
