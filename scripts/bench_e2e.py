@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import line_plot, write_records  # noqa: E402
-from serve_util import ENV, measured_density, vllm_server  # noqa: E402
+from serve_util import ENV, backend_args, measured_density, vllm_server  # noqa: E402
 
 from vllm_xattn.backends.density_log import ENV_VAR, read_density  # noqa: E402
 
@@ -152,11 +152,7 @@ def main():
                   "--no-enable-prefix-caching"]
         if dummy:
             server += ["--load-format", "dummy"]
-        if setting == "dense":
-            server += ["--attention-backend", "FLASH_ATTN"]
-        else:
-            server += ["--attention-backend", "XATTN", "--additional-config",
-                       json.dumps({"xattn": json.loads(setting)})]
+        server += backend_args(None if setting == "dense" else json.loads(setting))
         # Through JSON so that fresh and resumed results both key lengths by str.
         measured[setting] = json.loads(json.dumps(measure_setting(model, setting, server, args, log_dir)))
         state_path.write_text(json.dumps(measured))

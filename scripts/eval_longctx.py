@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import line_plot, write_records  # noqa: E402
 from longctx_tasks import build_probes, is_correct  # noqa: E402
-from serve_util import measured_density, post, vllm_server  # noqa: E402
+from serve_util import backend_args, measured_density, post, vllm_server  # noqa: E402
 
 from vllm_xattn.backends.density_log import ENV_VAR  # noqa: E402
 
@@ -91,13 +91,10 @@ def main():
     results = {}
     for name in args.settings:
         knobs = parse_setting(name)
-        if name == "dense":
-            backend = ["--attention-backend", "FLASH_ATTN"]
-        else:
+        if name != "dense":
             knobs = {"min_sparse_tokens": args.min_sparse_tokens, **knobs}
-            backend = ["--attention-backend", "XATTN", "--additional-config",
-                       json.dumps({"xattn": knobs})]
-        server_args = [*backend, "--max-model-len", str(args.max_model_len),
+        server_args = [*backend_args(None if name == "dense" else knobs),
+                       "--max-model-len", str(args.max_model_len),
                        "--gpu-memory-utilization", "0.85"]
         log = Path(args.log_dir) / f"serve-{len(results)}.log"
         density_dir = Path(args.log_dir) / f"density-{len(results)}"

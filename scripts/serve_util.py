@@ -19,6 +19,13 @@ ENV = {
 }
 
 
+def backend_args(knobs: dict | None) -> list[str]:
+    """`vllm serve` arguments for FLASH_ATTN (``knobs`` None) or XATTN with these xattn knobs."""
+    if knobs is None:
+        return ["--attention-backend", "FLASH_ATTN"]
+    return ["--attention-backend", "XATTN", "--additional-config", json.dumps({"xattn": knobs})]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
