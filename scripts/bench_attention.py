@@ -51,6 +51,8 @@ def main():
     ap.add_argument("--thresholds", type=float, nargs="*", default=[0.9])
     ap.add_argument("--stride", type=int, default=8)
     ap.add_argument("--executor", nargs="+", choices=["fa3", "flashinfer"], default=["fa3", "flashinfer"])
+    ap.add_argument("--profile", metavar="DIR",
+                    help="also write a torch.profiler kernel table of one layer call per case here")
     args = ap.parse_args()
     out = Path(args.out)
     records = []
@@ -110,6 +112,10 @@ def main():
                                executor_share_of_dense_throughput=(ex_fl / exec_ms) / (dense_fl / dense_ms),
                                **dims)
                     records.append(rec)
+                    if args.profile:
+                        profile_layer(Path(args.profile) / f"profile_{shape}_{n}_{name}_{cfg.selection}"
+                                      f"{cfg.ratio if cfg.selection == 'ratio' else cfg.threshold}.txt",
+                                      lambda: sp.run(q, kv, step, o, pool))
                     print(f"{shape:13s} N={n:6d} {name:10s} {cfg.selection:9s} density {density:.3f}: "
                           f"xattn {total_ms:8.3f} ms (exec {exec_ms:8.3f}, {rec['effective_tflops']:.0f} TF/s, "
                           f"plan {plan_ms[name]:.2f} ms/step) dense {dense_ms:8.3f} ms "
@@ -128,6 +134,20 @@ def main():
         print(f"| {r['shape']} | {r['seq_len']} | {r['executor']} | {sel} | {r['density']:.3f} | {r['ms']:.3f} | "
               f"{r['executor_ms']:.3f} | {r['effective_tflops']:.0f} | {r['plan_ms']:.2f} | "
               f"{r['dense_fa3_ms']:.3f} | {r['dense_tflops']:.0f} | {r['speedup']:.2f}x |")
+
+
+def profile_layer(path: Path, fn, reps: int = 5) -> None:
+    """Per-kernel GPU time of ``reps`` layer calls (where the fixed per-layer cost goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{reps} calls\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
 
 
 def plot(records, path):

@@ -34,12 +34,17 @@ def pipeline(q, kv_cache, block_table, plan, *, threshold, hkv, tiles=None):
     def scoring():
         return antidiagonal_scores_paged(q, kv_cache, block_table, plan, **kw)
 
-    def run():
-        a = scoring()
-        counts, ids, n_sel = select_blocks_packed(a, plan, threshold=threshold)
-        return build_page_lists(counts, ids, block_table, kv_cache, plan), n_sel
+    def select(a):
+        return select_blocks_packed(a, plan, threshold=threshold)
 
-    return scoring, run
+    def lists(counts, ids):
+        return build_page_lists(counts, ids, block_table, kv_cache, plan)
+
+    def run():
+        counts, ids, n_sel = select(scoring())
+        return lists(counts, ids), n_sel
+
+    return scoring, run, select, lists
 
 
 def check_against_reference(shape, seq_lens, query_lens, stride, threshold, log):
@@ -92,7 +97,7 @@ def tune(shape, seq_len, stride, threshold, log):
     for bm, bn, warps, stages, bd in TUNE_CONFIGS:
         try:
             plan = plan_prefill(cu_q, sl, block_size=128, stride=stride, block_m=bm, block_n=bn).to("cuda")
-            scoring, _ = pipeline(q, kv, bt, plan, threshold=threshold, hkv=dims["num_kv_heads"],
+            scoring, *_ = pipeline(q, kv, bt, plan, threshold=threshold, hkv=dims["num_kv_heads"],
                                   tiles=dict(num_warps=warps, num_stages=stages, block_d=bd))
             ms = do_bench(scoring, warmup=5, rep=40)
         except Exception as e:  # out of shared memory / registers for this tile
@@ -156,23 +161,28 @@ def main():
                                 block_m=best.get("block_m"), block_n=best.get("block_n")).to("cuda")
             plan_ms = (time.perf_counter() - t0) * 1e3
             launch = {k: best[k] for k in ("num_warps", "num_stages", "block_d") if k in best}
-            scoring, run = pipeline(q, kv, bt, plan, threshold=args.threshold,
-                                    hkv=dims["num_kv_heads"], tiles=launch)
+            scoring, run, select, make_lists = pipeline(q, kv, bt, plan, threshold=args.threshold,
+                                                        hkv=dims["num_kv_heads"], tiles=launch)
             lists, n_sel = run()
             cand = sum((i + 1) for i in plan.row_block.tolist()) * dims["num_q_heads"]
             density = n_sel.item() / cand
             ms = do_bench(run, warmup=3, rep=50)
             score_ms = do_bench(scoring, warmup=3, rep=50)
+            a = scoring()
+            select_ms = do_bench(lambda: select(a), warmup=3, rep=50)
+            counts, ids, _ = select(a)
+            lists_ms = do_bench(lambda: make_lists(counts, ids), warmup=3, rep=50)
             rec = dict(shape=shape, seq_len=seq_lens[0], batch=len(seq_lens), stride=stride,
                        threshold=args.threshold, inputs="random", ms=ms, scoring_ms=score_ms,
                        dense_fa3_ms=dense_ms, ratio=ms / dense_ms,
-                       scoring_ratio=score_ms / dense_ms, density=density, plan_host_ms=plan_ms,
+                       scoring_ratio=score_ms / dense_ms, selection_ms=select_ms,
+                       page_lists_ms=lists_ms, density=density, plan_host_ms=plan_ms,
                        tiles=dict(block_m=plan.block_m, block_n=plan.block_n, **launch), **dims)
             records.append(rec)
             log(f"{shape:13s} N={seq_lens[0]:6d}x{len(seq_lens)} S={stride:2d}: xattn {ms:8.3f} ms "
-                f"(scoring {score_ms:8.3f}) dense {dense_ms:8.3f} ms ratio {ms / dense_ms:.3f} "
+                f"(scoring {score_ms:8.3f}, selection {select_ms:.3f}, lists {lists_ms:.3f}) dense {dense_ms:8.3f} ms ratio {ms / dense_ms:.3f} "
                 f"density {density:.3f}")
-            del lists
+            del lists, a, counts, ids
         del q, kv
         torch.cuda.empty_cache()
 
