@@ -12,8 +12,10 @@ from tests.test_gpu_real_model import MODEL, needs_model, real_prompts
 pytestmark = [pytest.mark.gpu, needs_model,
               pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")]
 
+# Eager (no torch.compile, no CUDA graphs): TP is about how heads are split over ranks, and
+# eager engines start in a fraction of the time; tests/test_gpu_e2e.py covers CUDA graphs.
 COMMON = dict(model=MODEL, max_model_len=32768, max_num_batched_tokens=8192,
-              enable_prefix_caching=True, gpu_memory_utilization=0.5, seed=0)
+              enable_prefix_caching=True, gpu_memory_utilization=0.5, seed=0, enforce_eager=True)
 
 
 def test_tp2_threshold_one_identical_tokens():
