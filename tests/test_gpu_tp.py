@@ -26,8 +26,11 @@ def test_tp2_threshold_one_identical_tokens():
         {**tp, "attention_backend": "XATTN",
          "additional_config": {"xattn": {"threshold": 1.0, "min_sparse_tokens": 4096}}}, prompts, 16)
     assert "XATTN sparse prefill running" in log
-    same = sum(a == b for a, b in zip(got, ref))
-    assert same == len(prompts), f"{same}/{len(prompts)} identical"
+    first_diff = {i: next(k for k, (x, y) in enumerate(zip(a, b)) if x != y)
+                  for i, (a, b) in enumerate(zip(got, ref)) if a != b}
+    assert not first_diff, (f"{len(prompts) - len(first_diff)}/{len(prompts)} identical; "
+                            f"prompt: (length, first differing token) "
+                            f"{ {i: (len(prompts[i]), k) for i, k in first_diff.items()} }")
 
 
 def test_tp2_selects_like_one_gpu(tmp_path):
