@@ -59,11 +59,12 @@ def resolve_executor(choice: str, *, fa_version: int | None, head_size: int,
                      capability: tuple[int, int] | None) -> tuple[str | None, str | None]:
     """(executor, None), or (None, why no executor can run this layer: it runs dense).
 
-    ``auto`` picks FA3 where vLLM runs FA3 (Hopper): on the H100 the FA3 executor beat
-    FlashInfer's paged prefill at every measured size and density (DESIGN.md section 2: e.g.
-    128K at 10 % density 29.0 ms vs 33.0 ms for FlashInfer fa3 and 41.9 ms for fa2;
-    ``scripts/bench_attention.py --executor fa3 flashinfer`` measures both in one run). Elsewhere
-    (vLLM on FA2, e.g. Ampere, or FA4 on Blackwell) FA3 is unavailable and FlashInfer runs.
+    ``auto`` picks FA3 where vLLM runs FA3 (Hopper): on the H100 the FA3 executor beat this
+    FlashInfer (fa2) executor at every measured size and density, on the same page lists
+    (benchmarks/results/attention_executors_h100.json, Llama-3.1-8B layer: 128K at 10 %
+    density 26.7 ms vs 43.5 ms, 32K 1.7 vs 2.7 ms, 8K 0.19 vs 0.24 ms; FlashInfer also plans
+    8-64 ms per step on the host). Elsewhere (vLLM on FA2, e.g. Ampere, or FA4 on Blackwell)
+    FA3 is unavailable and FlashInfer runs.
     """
     if choice == "fa3" or (choice == "auto" and fa_version == 3):
         if fa_version == 3:

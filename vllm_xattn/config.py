@@ -60,7 +60,8 @@ class XAttnConfig(BaseModel):
     executor: Literal["auto", "fa3", "flashinfer"] = Field(
         "auto", description="Block-sparse executor: 'fa3' (vLLM's FA3 varlen kernel), "
         "'flashinfer' (FlashInfer fa2 paged prefill), or 'auto': FA3 where vLLM runs FA3 "
-        "(Hopper; measured faster there, DESIGN.md section 2), FlashInfer elsewhere.",
+        "(Hopper; measured faster there, benchmarks/results/attention_executors_h100.json), "
+        "FlashInfer elsewhere.",
     )
     threshold_file: Path | None = Field(
         None,
