@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -43,26 +44,69 @@ from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 spec = json.loads(open(sys.argv[1]).read())
 llm = LLM(**spec["llm"])
-params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True)
+params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True,
+                        logprobs=spec["top_logprobs"] or None)
 outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]], params)
 print("TOKENS=" + json.dumps([list(o.outputs[0].token_ids) for o in outs]))
+if spec["top_logprobs"]:  # per prompt, per generated token: [[token, logprob], ...] best first
+    print("TOP=" + json.dumps([[sorted(([t, lp.logprob] for t, lp in pos.items()), key=lambda x: -x[1])
+                                for pos in o.outputs[0].logprobs] for o in outs]))
 import os
 if os.environ.get("XATTN_DENSITY_LOG"):  # one more step flushes the last step's density records
     llm.generate([TokensPrompt(prompt_token_ids=[1, 2, 3])], SamplingParams(max_tokens=1))
 """
 
 
-def generate_in_subprocess(llm_kwargs: dict, prompts: list[list[int]], max_tokens: int,
-                           timeout: int = 900, env: dict | None = None) -> tuple[list[list[int]], str]:
-    """Greedy token ids from a fresh process (one engine per process), and its log. ``env``:
-    extra environment variables (they reach the engine's worker processes too)."""
+@dataclass
+class Generation:
+    tokens: list[list[int]]  # greedy token ids per prompt
+    log: str  # the engine's stdout + stderr
+    top: list | None = None  # with top_logprobs: per prompt and token, [[token, logprob], ...]
+
+
+def generate(llm_kwargs: dict, prompts: list[list[int]], max_tokens: int, *, timeout: int = 900,
+             env: dict | None = None, top_logprobs: int = 0) -> Generation:
+    """Greedy generation in a fresh process (one engine per process). ``env``: extra
+    environment variables (they reach the engine's worker processes too); ``top_logprobs``:
+    also return that many top logprobs per generated token."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump({"llm": llm_kwargs, "prompts": prompts, "max_tokens": max_tokens}, f)
+        json.dump({"llm": llm_kwargs, "prompts": prompts, "max_tokens": max_tokens,
+                   "top_logprobs": top_logprobs}, f)
     out = subprocess.run([sys.executable, "-c", GENERATE, f.name], capture_output=True,
                          text=True, timeout=timeout, env={**ENV, **(env or {})})
     os.unlink(f.name)
     log = out.stdout + out.stderr
     save_log(f"generate-{llm_kwargs.get('attention_backend', 'auto')}", log)
     assert out.returncode == 0, log[-6000:]
-    line = [l for l in out.stdout.splitlines() if l.startswith("TOKENS=")][-1]
-    return json.loads(line[len("TOKENS="):]), log
+
+    def last(prefix):
+        lines = [l for l in out.stdout.splitlines() if l.startswith(prefix)]
+        return json.loads(lines[-1][len(prefix):]) if lines else None
+
+    return Generation(last("TOKENS="), log, last("TOP="))
+
+
+def generate_in_subprocess(llm_kwargs: dict, prompts: list[list[int]], max_tokens: int,
+                           timeout: int = 900, env: dict | None = None) -> tuple[list[list[int]], str]:
+    """(greedy token ids, engine log) of ``generate``."""
+    g = generate(llm_kwargs, prompts, max_tokens, timeout=timeout, env=env)
+    return g.tokens, g.log
+
+
+def token_mismatches(got: list[list[int]], ref: Generation, prompts: list[list[int]]) -> str:
+    """'' if every prompt's tokens equal the reference's; else, per differing prompt, its
+    length, the first differing position and, with the reference's top logprobs, the
+    reference's margin there (top-1 minus top-2 logprob: near 0 means a near-tie)."""
+    diffs = []
+    for i, (a, b) in enumerate(zip(got, ref.tokens)):
+        if a == b:
+            continue
+        k = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        msg = f"prompt {i} ({len(prompts[i])} tokens): first difference at generated token {k}"
+        if ref.top is not None and k < len(ref.top[i]) and len(ref.top[i][k]) > 1:
+            (t1, lp1), (t2, lp2) = ref.top[i][k][:2]
+            msg += f", reference margin {lp1 - lp2:.4f} (top-2 tokens {t1}, {t2}; got {a[k]})"
+        diffs.append(msg)
+    if not diffs:
+        return ""
+    return f"{len(got) - len(diffs)}/{len(got)} identical; " + "; ".join(diffs)

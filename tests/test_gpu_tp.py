@@ -6,7 +6,7 @@ Needs two GPUs, XATTN_QWEN_DIR and XATTN_TEXT (see tests/test_gpu_real_model.py)
 import pytest
 import torch
 
-from tests.e2e_util import generate_in_subprocess
+from tests.e2e_util import generate, generate_in_subprocess, token_mismatches
 from tests.test_gpu_real_model import MODEL, needs_model, real_prompts
 
 pytestmark = [pytest.mark.gpu, needs_model,
@@ -21,16 +21,12 @@ COMMON = dict(model=MODEL, max_model_len=32768, max_num_batched_tokens=8192,
 def test_tp2_threshold_one_identical_tokens():
     prompts = real_prompts(n_long=6, n_short=3)
     tp = {**COMMON, "tensor_parallel_size": 2}
-    ref, _ = generate_in_subprocess({**tp, "attention_backend": "FLASH_ATTN"}, prompts, 16)
+    ref = generate({**tp, "attention_backend": "FLASH_ATTN"}, prompts, 16, top_logprobs=2)
     got, log = generate_in_subprocess(
         {**tp, "attention_backend": "XATTN",
          "additional_config": {"xattn": {"threshold": 1.0, "min_sparse_tokens": 4096}}}, prompts, 16)
     assert "XATTN sparse prefill running" in log
-    first_diff = {i: next(k for k, (x, y) in enumerate(zip(a, b)) if x != y)
-                  for i, (a, b) in enumerate(zip(got, ref)) if a != b}
-    assert not first_diff, (f"{len(prompts) - len(first_diff)}/{len(prompts)} identical; "
-                            f"prompt: (length, first differing token) "
-                            f"{ {i: (len(prompts[i]), k) for i, k in first_diff.items()} }")
+    assert not (why := token_mismatches(got, ref, prompts)), why
 
 
 def test_tp2_selects_like_one_gpu(tmp_path):
