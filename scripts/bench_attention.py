@@ -51,6 +51,9 @@ def main():
     ap.add_argument("--thresholds", type=float, nargs="*", default=[0.9])
     ap.add_argument("--stride", type=int, default=8)
     ap.add_argument("--executor", nargs="+", choices=["fa3", "flashinfer"], default=["fa3", "flashinfer"])
+    ap.add_argument("--granularity", choices=["head", "kv_group"], default="head",
+                    help="mini-requests per query head (default) or per KV group")
+    ap.add_argument("--page-size", type=int, default=16, help="KV cache page size (divides 128)")
     ap.add_argument("--profile", metavar="DIR",
                     help="also write a torch.profiler kernel table of one layer call per case here")
     args = ap.parse_args()
@@ -60,50 +63,56 @@ def main():
         dims = SHAPES[shape]
         hq, hkv, d = dims["num_q_heads"], dims["num_kv_heads"], dims["head_dim"]
         for n in args.seq_lens:
-            q, kv, bt, cu_q, sl = paged_inputs([n], [n], **dims)
+            q, kv, bt, cu_q, sl = paged_inputs([n], [n], **dims, page_size=args.page_size)
             dense_ms = do_bench(dense_fa3(q, kv, bt, cu_q, sl), warmup=3, rep=60)
             dense_fl = causal_flops([n], [n], hq, d)
             host_plan = plan_prefill(cu_q, sl, block_size=128, stride=args.stride)
             pool = ScratchPool(max_tokens=n, max_reqs=1, max_seq_len=n, num_q_heads=hq, head_dim=d,
-                               dtype=q.dtype, cfg=XAttnConfig(stride=args.stride), page_size=16,
+                               dtype=q.dtype, cfg=XAttnConfig(stride=args.stride), page_size=args.page_size,
                                device=q.device, executor="flashinfer" if "flashinfer" in args.executor else "fa3")
+            # Selection heads: one mini-request per query head, or per KV group of G heads.
+            group = hq // hkv if args.granularity == "kv_group" else 1
+            sel_heads = hq // group
             steps, plan_ms = {}, {}
             for name in args.executor:
                 ex = FA3 if name == "fa3" else FlashInferExecutor(
-                    num_q_heads=hq, head_dim=d, page_size=16, q_dtype=q.dtype, kv_dtype=kv.dtype)
+                    num_q_heads=hq, head_dim=d, page_size=args.page_size, q_dtype=q.dtype,
+                    kv_dtype=kv.dtype)
                 times = []
                 for _ in range(3):  # once per scheduler step in serving; the first may build / load
                     t0 = time.perf_counter()
                     steps[name] = SparseStep.from_host_plan(host_plan, block_table=bt, tok_start=0,
-                                                            tok_end=n, selection_heads=hq, device="cuda",
+                                                            tok_end=n, selection_heads=sel_heads, device="cuda",
                                                             executor=ex)
                     times.append((time.perf_counter() - t0) * 1e3)
                 plan_ms[name] = min(times[1:])
             plan = steps[args.executor[0]].plan
             cand = sum(i + 1 for i in plan.row_block.tolist()) * hq
-            qh = q.transpose(0, 1).contiguous().view(hq * n, 1, d)
+            qh = q.view(n, sel_heads, group, d).transpose(0, 1).contiguous().view(sel_heads * n, group, d)
             oh = torch.empty_like(qh)
             settings = [dict(selection="ratio", ratio=r) for r in args.ratios]
             settings += [dict(threshold=t) for t in args.thresholds]
             for sel in settings:
-                cfg = XAttnConfig(stride=args.stride, **sel)
+                cfg = XAttnConfig(stride=args.stride, granularity=args.granularity, **sel)
                 sp = SparsePrefill(cfg, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
                                    scale=d ** -0.5, thresholds=None)
                 # The selection both executors run (deterministic), and its FLOPs.
                 a = antidiagonal_scores_paged(q, kv, bt, plan)
                 counts, ids, _ = select_blocks_packed(a, plan, mode=cfg.selection,
-                                                      threshold=cfg.threshold, ratio=cfg.ratio)
-                ex_fl = executor_flops(build_page_lists(counts, ids, bt, kv, plan), 1, d)
+                                                      threshold=cfg.threshold, ratio=cfg.ratio,
+                                                      granularity=cfg.granularity, num_kv_heads=hkv)
+                ex_fl = executor_flops(build_page_lists(counts, ids, bt, kv, plan, granularity=cfg.granularity,
+                                                        num_kv_heads=hkv), group, d)
                 for name, step in steps.items():
                     o = torch.empty_like(q)
                     density = int(sp.run(q, kv, step, o, pool).sum()) / cand
                     total_ms = do_bench(lambda: sp.run(q, kv, step, o, pool), warmup=3, rep=60)
                     # The executor's kernels alone on the same page lists (built before each launch).
                     exec_ms = sum(do_bench(launch, warmup=3, rep=60) for launch in step.executor.launches(
-                        qh, oh, counts, ids, kv, step, pool, granularity="head", num_kv_heads=hkv,
+                        qh, oh, counts, ids, kv, step, pool, granularity=cfg.granularity, num_kv_heads=hkv,
                         scale=d ** -0.5))
-                    rec = dict(shape=shape, seq_len=n, executor=name, granularity="head",
-                               stride=args.stride, page_size=16, inputs="random",
+                    rec = dict(shape=shape, seq_len=n, executor=name, granularity=cfg.granularity,
+                               stride=args.stride, page_size=args.page_size, inputs="random",
                                selection=cfg.selection, threshold=cfg.threshold if cfg.selection == "threshold" else None,
                                ratio=cfg.ratio, density=density, ms=total_ms, executor_ms=exec_ms,
                                plan_ms=plan_ms[name], dense_fa3_ms=dense_ms, speedup=dense_ms / total_ms,
