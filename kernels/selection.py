@@ -2,12 +2,14 @@
 
 One program per (head, packed row). Rules match vllm_xattn.reference.select_blocks exactly:
 sink j=0 and diagonal j=i always kept; the optional blocks 1..i-1 ranked by descending mass,
-ties to the lower j. Ranking sorts int64 keys ``fp32_bits(A) << 32 | (2^31-1 - j)`` (bit
-patterns of non-negative floats order like the floats; the low word breaks ties), so one
-tl.sort gives a deterministic order. Because masses are >= 0 the kept set is a prefix of that
-order: threshold keeps rank k iff the mass accumulated before it is < tau * total, a monotone
-test, so its length is a count over a cumsum. The prefix is turned back into a set by
-comparing every key with the smallest kept key.
+ties to the lower j, and a prefix of that order kept: threshold keeps the block at rank p iff
+the forced mass plus the masses ranked before it is < tau * total; top-k / ratio keep a count.
+
+No sort: masses are >= 0, so their float bit patterns order like the values, and "the masses
+ranked before block j" are the ones at a higher level plus the equal ones at a lower j. A
+bisection over bit levels (31 masked sums) finds the lowest level whose first block is still
+kept; every higher level is kept whole, and within that level a prefix in j order (one
+cumsum). Top-k is the same search with weight 1 per block and the count as the limit.
 
 Outputs: counts int32 [H, TQB]; ids int32 [H, TQB, max_kb], ascending key blocks with the
 diagonal LAST (entries past count undefined); the total selected (device int64 scalar).
@@ -45,37 +47,40 @@ def _select_kernel(
     n_forced = tl.where(i == 0, 1, 2)
     n_other = tl.maximum(i - 1, 0)
 
-    bits = a.to(tl.int32, bitcast=True).to(tl.int64)
-    low = (2147483647 - j).to(tl.int64)
-    # Forced blocks rank first (sink, then diagonal), then the optional ones, then the rest.
-    key = tl.where(other, (bits << 32) | low, -1)
-    key = tl.where(j == 0, (tl.full([BLOCK_K], 0x7FFFFFFF, tl.int64) << 32) | 1, key)
-    key = tl.where((j == i) & (i > 0), tl.full([BLOCK_K], 0x7FFFFFFF, tl.int64) << 32, key)
-    sk = tl.sort(key, descending=True)
-    rank = tl.arange(0, BLOCK_K)
-    lo_rank = n_forced  # sorted positions [n_forced, n_forced + n_other) hold the optional blocks
+    bits = a.to(tl.int32, bitcast=True)  # >= 0 floats: bit order == value order
 
+    # Blocks are weighted w (mass, or 1 for top-k); a block is kept iff base + the weight
+    # ranked before it < lim.
     if TOPK:
         kk = tl.load(k_ptr + row)
         n_take = tl.minimum(tl.maximum(kk - n_forced, 0), n_other)
+        w = tl.where(other, 1.0, 0.0)
+        base = 0.0
+        lim = n_take.to(tl.float32)  # exact: counts < 2^24
     else:
         tau = tl.load(tau_ptr + h)
-        total = tl.sum(a, 0)
-        mass0 = tl.sum(tl.where(forced, a, 0.0), 0)
-        # Scan values like the reference: [mass0, 0 (diagonal slot), optional blocks by rank].
-        sval = (sk >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-        sval = tl.where((rank >= lo_rank) & (rank < lo_rank + n_other), sval, 0.0)
-        sval = tl.where(rank == 0, mass0, sval)
-        incl = tl.cumsum(sval, 0)
-        target = tau * total
-        # Optional block at sorted position p is kept iff incl[p-1] < target.
-        before_ok = (rank >= lo_rank - 1) & (rank < lo_rank - 1 + n_other) & (incl < target)
-        n_take = tl.sum(before_ok.to(tl.int32), 0)
-        n_take = tl.where(tau >= 1.0, n_other, n_take)
-
-    kept_sorted = (rank >= lo_rank) & (rank < lo_rank + n_take)
-    kth = tl.min(tl.where(kept_sorted, sk, 0x7FFFFFFFFFFFFFFF), 0)
-    sel = forced | (other & (key >= kth))
+        w = tl.where(other, a, 0.0)
+        base = tl.sum(tl.where(forced, a, 0.0), 0)  # like the reference, forced mass first
+        lim = tl.where(tau >= 1.0, float("inf"), tau * tl.sum(a, 0))  # tau >= 1: keep all
+    # v0 = the lowest bit level v with base + (weight of levels above v) < lim; the predicate
+    # is monotone in v. Invariant: false at lo, true at hi (0x7FFFFFFF, a NaN pattern no mass
+    # has, stands for "nothing kept" when even base >= lim). 31 halvings of 2^31 end at width 1.
+    lo = tl.full([], -1, tl.int64)
+    hi = tl.full([], 0x7FFFFFFF, tl.int64)
+    for _ in range(31):
+        mid = lo + (hi - lo) // 2
+        ok = base + tl.sum(tl.where(bits > mid.to(tl.int32), w, 0.0), 0) < lim
+        hi = tl.where(ok, mid, hi)
+        lo = tl.where(ok, lo, mid)
+    v0 = hi.to(tl.int32)
+    # Levels above v0 are kept whole; level v0 (non-empty unless v0 is 0 or the sentinel: the
+    # predicate changes only where a level has weight) keeps its blocks in j order while the
+    # weight before each stays under the limit.
+    above = other & (bits > v0)
+    tie_w = tl.where(other & (bits == v0), w, 0.0)
+    before = base + tl.sum(tl.where(above, w, 0.0), 0) + tl.cumsum(tie_w, 0) - tie_w
+    kept = above | ((other & (bits == v0)) & (before < lim))
+    sel = forced | kept
     nd = sel & (j != i)  # everything but the diagonal, ascending
     pos = tl.cumsum(nd.to(tl.int32), 0) - 1
     cnt = tl.sum(nd.to(tl.int32), 0) + 1
