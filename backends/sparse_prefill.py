@@ -19,6 +19,7 @@ from vllm_xattn.config import XAttnConfig
 from vllm_xattn.kernels import (
     XAttnPlan,
     antidiagonal_scores_paged,
+    copy_tokens_heads,
     plan_prefill,
     scoring_workspace_numel,
     select_blocks_packed,
@@ -188,11 +189,11 @@ class SparsePrefill:
         group = self.hq // self.hkv if cfg.granularity == "kv_group" else 1
         heads = self.hq // group
         q_hm = pool.q[: T * self.hq * self.d].view(heads, T, group, self.d)
-        q_hm.copy_(q.reshape(T, heads, group, self.d).transpose(0, 1))
+        copy_tokens_heads(q_hm.transpose(0, 1), q.reshape(T, heads, group, self.d))
         o_hm = pool.out[: T * self.hq * self.d].view(heads, T, group, self.d)
         step.executor.run(q_hm.view(heads * T, group, self.d), o_hm.view(heads * T, group, self.d),
                           counts, ids, kv_cache, step, pool, granularity=cfg.granularity,
                           num_kv_heads=self.hkv, scale=self.scale)
         out = output[step.tok_start:step.tok_end].view(T, heads, group, self.d)
-        out.copy_(o_hm.transpose(0, 1))
+        copy_tokens_heads(out, o_hm.transpose(0, 1))
         return counts

@@ -7,6 +7,7 @@ Per scheduler step: ``plan = plan_prefill(...).to(device)`` (host metadata, one 
 ``build_page_csr(...)`` (CSR, FlashInfer) -> executor over ``folded_kv_views(kv_cache)``. No host synchronisation after the plan.
 """
 
+from .layout import copy_tokens_heads
 from .page_lists import PageCSR, PageLists, build_page_csr, build_page_lists
 from .paged import folded_kv_views, make_paged_cache, split_kv
 from .plan import XAttnPlan, plan_prefill
@@ -20,6 +21,7 @@ __all__ = [
     "antidiagonal_scores_paged",
     "build_page_csr",
     "build_page_lists",
+    "copy_tokens_heads",
     "folded_kv_views",
     "make_paged_cache",
     "masks_from_selection",

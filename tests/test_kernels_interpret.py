@@ -21,6 +21,7 @@ from vllm_xattn.kernels import (  # noqa: E402
     antidiagonal_scores_paged,
     build_page_csr,
     build_page_lists,
+    copy_tokens_heads,
     folded_kv_views,
     make_paged_cache,
     masks_from_selection,
@@ -462,3 +463,18 @@ def test_page_csr_end_to_end_reused_buffers(device, case, granularity):
             out = out.view(T, hs, group, d)[:, h0:h1].reshape(T, -1, d)
             ref = want.view(T, hs, group, d)[:, h0:h1].reshape(T, -1, d)
             torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4, msg=lambda m: f"{sel} heads {h0}:{h1}: {m}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("T,hq,group,d", [(1, 4, 1, 64), (37, 4, 1, 64), (70, 8, 4, 32), (5, 2, 2, 128)])
+def test_copy_tokens_heads_both_ways(device, T, hq, group, d):
+    """Token-major (a strided slice, like vLLM's query) <-> head-major and back, like torch."""
+    heads = hq // group
+    qkv = torch.randn(T + 3, hq + 6, d, device=device).to(torch.bfloat16)
+    q = qkv[2 : 2 + T, :hq]  # row stride (hq + 6) * d: not contiguous
+    hm = torch.empty(heads, T, group, d, dtype=q.dtype, device=device)
+    copy_tokens_heads(hm.transpose(0, 1), q.reshape(T, heads, group, d))
+    assert torch.equal(hm, q.reshape(T, heads, group, d).transpose(0, 1))
+    back = torch.full((T + 2, hq, d), -1.0, dtype=q.dtype, device=device)
+    copy_tokens_heads(back[1 : 1 + T].view(T, heads, group, d), hm.transpose(0, 1))
+    assert torch.equal(back[1 : 1 + T], q) and bool((back[0] == -1).all() and (back[-1] == -1).all())
