@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import line_plot, write_records  # noqa: E402
+from bench_common import commit, line_plot, write_records  # noqa: E402
 from serve_util import ENV, backend_args, measured_density, vllm_server  # noqa: E402
 
 from vllm_xattn.backends.density_log import ENV_VAR, read_density  # noqa: E402
@@ -90,14 +90,40 @@ def measure_setting(model: str, setting: str, server: list[str], args, log_dir: 
             dens[n], totals = measured_density(url, model, density_dir, totals)
             print(f"{setting} {n}: TTFT {res[n]:.1f} ms, density {dens[n]}", flush=True)
         per_layer = totals["per_layer"]  # everything logged so far: warm-up and TTFT runs
-        dec = bench_serve(url, model, input_len=1024, output_len=256, num_prompts=64,
-                          concurrency=32, seed=100)
-        mixed = bench_serve(url, model, input_len=max(args.lengths) // 8, output_len=64,
-                            num_prompts=16, concurrency=8, range_ratio=0.9, seed=200)
+        serving = dict(decode_tok_s=None, decode_tpot_ms=None, mixed_mean_ttft_ms=None, mixed_tok_s=None)
+        if not args.ttft_only:
+            dec = bench_serve(url, model, input_len=1024, output_len=256, num_prompts=64,
+                              concurrency=32, seed=100)
+            mixed = bench_serve(url, model, input_len=max(args.lengths) // 8, output_len=64,
+                                num_prompts=16, concurrency=8, range_ratio=0.9, seed=200)
+            serving = dict(decode_tok_s=dec["output_throughput"], decode_tpot_ms=dec["median_tpot_ms"],
+                           mixed_mean_ttft_ms=mixed["mean_ttft_ms"], mixed_tok_s=mixed["output_throughput"])
         print(f"{setting}: done after {time.time() - t0:.0f} s", flush=True)
-    return dict(ttft=res, density=dens, density_per_layer=per_layer,
-                decode_tok_s=dec["output_throughput"], decode_tpot_ms=dec["median_tpot_ms"],
-                mixed_mean_ttft_ms=mixed["mean_ttft_ms"], mixed_tok_s=mixed["output_throughput"])
+    return dict(ttft=res, density=dens, density_per_layer=per_layer, commit=commit(),
+                date=time.strftime("%Y-%m-%d"), command="python scripts/bench_e2e.py " + " ".join(sys.argv[1:]),
+                **serving)
+
+
+# Per-setting fields that travel with each record: where and how that setting was measured.
+PROVENANCE = ("commit", "date", "command", "mixed_note")
+SERVING = ("decode_tok_s", "decode_tpot_ms", "mixed_mean_ttft_ms", "mixed_tok_s")
+
+
+def measured_from_records(results: dict, name: str) -> dict:
+    """The ``measured`` entries of model ``name`` rebuilt from a results file, so that a run
+    of one new setting keeps (and pairs with) the settings measured in earlier runs. Records
+    without their own commit / date take the file's."""
+    measured = {}
+    for r in results.get("records", []):
+        if r.get("model") != name:
+            continue
+        m = measured.setdefault(r["setting"], dict(
+            ttft={}, density={}, density_per_layer={},
+            **{k: r.get(k) for k in SERVING},
+            **{k: r.get(k, results.get(k)) for k in PROVENANCE if k in r or k in results}))
+        m["ttft"][str(r["prompt_len"])] = r["ttft_ms"]
+        m["density"][str(r["prompt_len"])] = r.get("density")
+    return measured
 
 
 def to_records(name: str, measured: dict) -> list[dict]:
@@ -110,13 +136,13 @@ def to_records(name: str, measured: dict) -> list[dict]:
             rec = dict(model=name, setting=setting, knobs=knobs, prompt_len=int(n), ttft_ms=ttft,
                        # dense computes every causal block; XATTN below min_sparse_tokens too
                        density=1.0 if setting == "dense" or d is None else d,
-                       decode_tok_s=m["decode_tok_s"], decode_tpot_ms=m["decode_tpot_ms"],
-                       mixed_mean_ttft_ms=m["mixed_mean_ttft_ms"], mixed_tok_s=m["mixed_tok_s"])
-            if dense is not None:
+                       **{k: m.get(k) for k in SERVING},
+                       **{k: m[k] for k in PROVENANCE if m.get(k) is not None})
+            if dense is not None and n in dense["ttft"]:
                 rec.update(ttft_ms_dense=dense["ttft"][n], ttft_speedup=dense["ttft"][n] / ttft,
-                           decode_tok_s_dense=dense["decode_tok_s"],
-                           decode_tpot_ms_dense=dense["decode_tpot_ms"],
-                           mixed_mean_ttft_ms_dense=dense["mixed_mean_ttft_ms"])
+                           decode_tok_s_dense=dense.get("decode_tok_s"),
+                           decode_tpot_ms_dense=dense.get("decode_tpot_ms"),
+                           mixed_mean_ttft_ms_dense=dense.get("mixed_mean_ttft_ms"))
             records.append(rec)
     return records
 
@@ -135,6 +161,12 @@ def main():
     ap.add_argument("--log-dir", default="/tmp/bench_e2e",
                     help="server logs and measured.json: settings measured there are not rerun, "
                          "so one setting per invocation works (device time limits)")
+    ap.add_argument("--ttft-only", action="store_true",
+                    help="skip the decode and mixed-serving runs (their fields stay null)")
+    ap.add_argument("--fresh", action="store_true",
+                    help="measure every --settings anew and drop this model's other records from "
+                         "--out (by default they are kept and not rerun, each record carrying the "
+                         "commit and date it was measured at)")
     args = ap.parse_args()
 
     dummy = args.llama8b_dummy is not None
@@ -144,7 +176,10 @@ def main():
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     state_path = log_dir / f"measured-{name}.json"
-    measured = json.loads(state_path.read_text()) if state_path.exists() else {}
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.exists() else {}
+    measured = {} if args.fresh else measured_from_records(results, name)
+    measured.update(json.loads(state_path.read_text()) if state_path.exists() else {})
     for setting in args.settings:
         if setting in measured:
             continue
@@ -157,10 +192,11 @@ def main():
         measured[setting] = json.loads(json.dumps(measure_setting(model, setting, server, args, log_dir)))
         state_path.write_text(json.dumps(measured))
 
-    out = Path(args.out)
-    old = json.loads(out.read_text()).get("records", []) if out.exists() else []
+    old = results.get("records", [])
     records = [r for r in old if r.get("model") != name] + to_records(name, measured)
     write_records(out, records, "python scripts/bench_e2e.py " + " ".join(sys.argv[1:]))
+    if "note" in results:  # the file's hand-written description of the setup
+        out.write_text(json.dumps({**json.loads(out.read_text()), "note": results["note"]}, indent=1))
     series = {}
     for r in records:
         series.setdefault(f"{r['model']} {r['setting']}", []).append((r["prompt_len"], r["ttft_ms"] / 1000))
@@ -172,8 +208,8 @@ def main():
             print(f"| {name} | {r['setting']} | {r['prompt_len']} | {r['density']:.3f} | {r['ttft_ms']:.1f} | "
                   f"{r.get('ttft_ms_dense', float('nan')):.1f} | {r.get('ttft_speedup', float('nan')):.2f}x |")
     for setting, m in measured.items():
-        print(f"{setting}: decode {m['decode_tok_s']:.0f} tok/s (TPOT {m['decode_tpot_ms']:.2f} ms), "
-              f"mixed mean TTFT {m['mixed_mean_ttft_ms']:.0f} ms")
+        print(f"{setting}: decode {m.get('decode_tok_s')} tok/s (TPOT {m.get('decode_tpot_ms')} ms), "
+              f"mixed mean TTFT {m.get('mixed_mean_ttft_ms')} ms")
 
 
 if __name__ == "__main__":
