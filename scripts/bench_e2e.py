@@ -11,7 +11,9 @@ throughput and a mixed short/long serving run, FLASH_ATTN vs XATTN settings, sam
         --settings dense '{}' '{"threshold": 0.95}'
 
 One server per setting (its kernels warmed up by a first request), one `vllm bench serve`
-client run per measurement; results in benchmarks/results/e2e_h100.json.
+client run per measurement; results in benchmarks/results/e2e_h100.json. Settings of the
+same model already in that file are kept and not rerun (each record names the commit, date
+and command it came from), so a session can add one setting; `--fresh` measures anew.
 """
 from __future__ import annotations
 
