@@ -44,16 +44,14 @@ def _select_kernel(
     a = tl.maximum(a, 0.0)  # masses are >= 0; also maps -0.0 to +0.0 for the bit trick
     forced = (j == 0) | (j == i)
     other = cand & (j != 0) & (j != i)
-    n_forced = tl.where(i == 0, 1, 2)
-    n_other = tl.maximum(i - 1, 0)
-
     bits = a.to(tl.int32, bitcast=True)  # >= 0 floats: bit order == value order
 
     # Blocks are weighted w (mass, or 1 for top-k); a block is kept iff base + the weight
     # ranked before it < lim.
     if TOPK:
         kk = tl.load(k_ptr + row)
-        n_take = tl.minimum(tl.maximum(kk - n_forced, 0), n_other)
+        n_forced = tl.where(i == 0, 1, 2)
+        n_take = tl.minimum(tl.maximum(kk - n_forced, 0), tl.maximum(i - 1, 0))  # <= optional blocks
         w = tl.where(other, 1.0, 0.0)
         base = 0.0
         lim = n_take.to(tl.float32)  # exact: counts < 2^24
@@ -77,9 +75,10 @@ def _select_kernel(
     # predicate changes only where a level has weight) keeps its blocks in j order while the
     # weight before each stays under the limit.
     above = other & (bits > v0)
-    tie_w = tl.where(other & (bits == v0), w, 0.0)
+    tie = other & (bits == v0)
+    tie_w = tl.where(tie, w, 0.0)
     before = base + tl.sum(tl.where(above, w, 0.0), 0) + tl.cumsum(tie_w, 0) - tie_w
-    kept = above | ((other & (bits == v0)) & (before < lim))
+    kept = above | (tie & (before < lim))
     sel = forced | kept
     nd = sel & (j != i)  # everything but the diagonal, ascending
     pos = tl.cumsum(nd.to(tl.int32), 0) - 1
