@@ -104,10 +104,11 @@ def causal_flops(query_lens, seq_lens, num_q_heads, head_dim) -> float:
     return total
 
 
-def write_records(path: Path, records: list[dict], command: str) -> None:
+def write_records(path: Path, records: list[dict], command: str, **extra) -> None:
+    """The results file: date, device, commit, command, ``extra`` top-level fields, records."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"date": str(date.today()), "device": device_name(),
-                                "commit": commit(), "command": command,
+                                "commit": commit(), "command": command, **extra,
                                 "records": records}, indent=1))
 
 

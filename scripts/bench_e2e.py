@@ -196,9 +196,9 @@ def main():
 
     old = results.get("records", [])
     records = [r for r in old if r.get("model") != name] + to_records(name, measured)
-    write_records(out, records, "python scripts/bench_e2e.py " + " ".join(sys.argv[1:]))
-    if "note" in results:  # the file's hand-written description of the setup
-        out.write_text(json.dumps({**json.loads(out.read_text()), "note": results["note"]}, indent=1))
+    # "note": the file's hand-written description of the setup, kept.
+    write_records(out, records, "python scripts/bench_e2e.py " + " ".join(sys.argv[1:]),
+                  **{k: results[k] for k in ("note",) if k in results})
     series = {}
     for r in records:
         series.setdefault(f"{r['model']} {r['setting']}", []).append((r["prompt_len"], r["ttft_ms"] / 1000))
