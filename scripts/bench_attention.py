@@ -49,7 +49,7 @@ def main():
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     ap.add_argument("--thresholds", type=float, nargs="*", default=[0.9])
-    ap.add_argument("--stride", type=int, default=8)
+    ap.add_argument("--stride", type=int, default=XAttnConfig().stride)
     ap.add_argument("--executor", nargs="+", choices=["fa3", "flashinfer"], default=["fa3", "flashinfer"])
     ap.add_argument("--granularity", choices=["head", "kv_group"], default="head",
                     help="mini-requests per query head (default) or per KV group")

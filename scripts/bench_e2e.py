@@ -149,6 +149,20 @@ def to_records(name: str, measured: dict) -> list[dict]:
     return records
 
 
+def save(out: Path, results: dict, name: str, measured: dict) -> list[dict]:
+    """Write ``out``: other models' records as they were, this model's from ``measured``,
+    the file's hand-written "note" kept; and the TTFT plot beside it."""
+    old = results.get("records", [])
+    records = [r for r in old if r.get("model") != name] + to_records(name, measured)
+    write_records(out, records, "python scripts/bench_e2e.py " + " ".join(sys.argv[1:]),
+                  **{k: results[k] for k in ("note",) if k in results})
+    series = {}
+    for r in records:
+        series.setdefault(f"{r['model']} {r['setting']}", []).append((r["prompt_len"], r["ttft_ms"] / 1000))
+    line_plot(out.with_suffix(".png"), series, xlabel="prompt tokens", ylabel="TTFT (s)")
+    return records
+
+
 def main():
     ap = argparse.ArgumentParser()
     src = ap.add_mutually_exclusive_group(required=True)
@@ -193,16 +207,8 @@ def main():
         # Through JSON so that fresh and resumed results both key lengths by str.
         measured[setting] = json.loads(json.dumps(measure_setting(model, setting, server, args, log_dir)))
         state_path.write_text(json.dumps(measured))
-
-    old = results.get("records", [])
-    records = [r for r in old if r.get("model") != name] + to_records(name, measured)
-    # "note": the file's hand-written description of the setup, kept.
-    write_records(out, records, "python scripts/bench_e2e.py " + " ".join(sys.argv[1:]),
-                  **{k: results[k] for k in ("note",) if k in results})
-    series = {}
-    for r in records:
-        series.setdefault(f"{r['model']} {r['setting']}", []).append((r["prompt_len"], r["ttft_ms"] / 1000))
-    line_plot(out.with_suffix(".png"), series, xlabel="prompt tokens", ylabel="TTFT (s)")
+        save(out, results, name, measured)  # after every setting: a time limit loses one at most
+    records = save(out, results, name, measured)
     print("\n| model | setting | prompt | density | TTFT ms | dense ms | speedup |")
     print("|---|---|---|---|---|---|---|")
     for r in records:

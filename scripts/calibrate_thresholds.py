@@ -21,13 +21,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import write_records  # noqa: E402
 
 from vllm_xattn.calibration import DEFAULT_GRID, calibrate_layer  # noqa: E402
+from vllm_xattn.config import XAttnConfig  # noqa: E402
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--capture", required=True, help="folder of layer_XX.pt from capture_qkv.py")
     ap.add_argument("--target", type=float, default=0.95, help="mean true attention mass to keep")
-    ap.add_argument("--stride", type=int, default=8)
+    ap.add_argument("--stride", type=int, default=XAttnConfig().stride)
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--sample-blocks", type=int, default=16)
     ap.add_argument("--grid", type=float, nargs="+", default=list(DEFAULT_GRID))

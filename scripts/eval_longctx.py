@@ -26,11 +26,21 @@ from longctx_tasks import build_probes, is_correct  # noqa: E402
 from serve_util import backend_args, measured_density, post, vllm_server  # noqa: E402
 
 from vllm_xattn.backends.density_log import ENV_VAR  # noqa: E402
+from vllm_xattn.config import XAttnConfig  # noqa: E402
 
 
 def parse_setting(text: str) -> dict:
     """'dense' or a JSON object of xattn knobs, e.g. '{"stride": 16, "threshold": 0.95}'."""
     return {} if text == "dense" else json.loads(text)
+
+
+def is_default(setting: str) -> bool:
+    """Whether a setting runs the default configuration (min_sparse_tokens aside: the
+    evaluation lowers it so that every length runs sparse)."""
+    if setting == "dense":
+        return False
+    knobs = {k: v for k, v in parse_setting(setting).items() if k != "min_sparse_tokens"}
+    return XAttnConfig(**knobs) == XAttnConfig()
 
 
 def run_needles(url, model, probes, workers):
@@ -67,7 +77,7 @@ def main():
     ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32000])
     ap.add_argument("--depths", type=int, default=10)
     ap.add_argument("--settings", nargs="+", default=[
-        "dense", "{}", '{"threshold": 0.95}', '{"threshold": 0.9}', '{"stride": 16}'])
+        "dense", "{}", '{"threshold": 0.95}', '{"threshold": 0.9}', '{"stride": 8}'])
     ap.add_argument("--min-sparse-tokens", type=int, default=4096,
                     help="for the XATTN settings, so that every probe length runs sparse")
     ap.add_argument("--windows", type=int, default=4, help="text windows for agreement")
@@ -113,7 +123,7 @@ def main():
     for name, res in results.items():
         single = [o for o, p in zip(res["ok"], probes) if p.keys == 1]
         multi = [o for o, p in zip(res["ok"], probes) if p.keys > 1]
-        rec = dict(setting=name, knobs=res["knobs"], default=name == "{}",
+        rec = dict(setting=name, knobs=res["knobs"], default=is_default(name),
                    density=1.0 if name == "dense" else res["density"],
                    density_per_layer=res["per_layer"],
                    needle_acc=100.0 * sum(single) / len(single),

@@ -13,7 +13,7 @@ from vllm_xattn.config import (
 
 def test_defaults():
     c = parse_xattn_config(None)
-    assert (c.stride, c.threshold, c.block_size, c.selection) == (8, 0.98, 128, "threshold")
+    assert (c.stride, c.threshold, c.block_size, c.selection) == (16, 0.98, 128, "threshold")
     assert (c.granularity, c.executor, c.dense_layers) == ("head", "auto", 0)
     assert c.min_sparse_tokens == DEFAULT_MIN_SPARSE_TOKENS
     assert parse_xattn_config({}) == c
@@ -64,7 +64,7 @@ def test_selection_variants():
 
 def test_frozen():
     with pytest.raises(Exception):
-        XAttnConfig().stride = 16
+        XAttnConfig().stride = 8
 
 
 def test_threshold_file(tmp_path):
