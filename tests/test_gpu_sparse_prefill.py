@@ -95,7 +95,7 @@ def test_flashinfer_executor_one_plan_two_layers(monkeypatch, granularity, hq, h
     monkeypatch.setattr(FlashInferContext, "plan", lambda self, fs: (plans.append(fs), real_plan(self, fs)))
     ex = FlashInferExecutor(num_q_heads=hq, head_dim=d, page_size=page, q_dtype=q.dtype, kv_dtype=q.dtype)
     hs = hkv if granularity == "kv_group" else hq
-    host_plan = plan_prefill(cu_q, n, block_size=128, stride=8)
+    host_plan = plan_prefill(cu_q, n, block_size=128, stride=XAttnConfig().stride)  # the pool's stride
     if chunked:  # two launches per layer sharing the plan
         _, one, _ = densest_page_lists(host_plan, selection_heads=1, page_size=page, max_keys=2**31 - 1)
         ex.MAX_KEYS_PER_RUN = int(one[-1]) * page * hs // 2
@@ -135,7 +135,7 @@ def test_fa3_and_flashinfer_agree(granularity):
         pytest.skip("needs FA3 (Hopper)")
     hq, hkv, d, page = 8, 2, 128, 16
     q, _, _, cu_q, _, n, kv_cache, bt = _problem(hq, hkv, d, page)
-    host_plan = plan_prefill(cu_q, n, block_size=128, stride=8)
+    host_plan = plan_prefill(cu_q, n, block_size=128, stride=XAttnConfig().stride)  # the pool's stride
     hs = hkv if granularity == "kv_group" else hq
     group = hq // hs
     T = int(cu_q[-1])
