@@ -99,12 +99,16 @@ def select_blocks_packed(
     ratio: float | None = None,
     granularity: str = "head",
     num_kv_heads: int | None = None,
+    num_warps: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Select key blocks per (head, packed row) of ``a_packed`` [Hq, TQB, max_kb].
 
     threshold: float or float32 tensor [Hq] (e.g. a row of a [layers, heads] table).
     granularity "kv_group": sum each group's scores, select per kv head with tau = max over
     the group, return per-query-head outputs (the group's rows repeated).
+    num_warps: per row (program); default 4 up to 512 key blocks, else 8. Fewer warps reduce
+    over shuffles instead of shared memory and fit more rows per SM (to be measured:
+    scripts/bench_selection.py --num-warps).
     Returns (counts int32 [Hq, TQB], ids int32 [Hq, TQB, max_kb], n_selected int64 scalar).
     """
     if mode not in _MODES:
@@ -145,7 +149,7 @@ def select_blocks_packed(
     _select_kernel[(tqb, hs)](
         a, rb, tau, k_row, counts, ids,
         a.stride(0), a.stride(1), counts.stride(0), ids.stride(0), ids.stride(1),
-        TOPK=_MODES[mode], BLOCK_K=block_k, num_warps=4 if block_k <= 512 else 8,
+        TOPK=_MODES[mode], BLOCK_K=block_k, num_warps=num_warps or (4 if block_k <= 512 else 8),
     )
     if g > 1:
         counts = counts.repeat_interleave(g, 0)

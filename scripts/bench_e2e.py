@@ -79,8 +79,8 @@ def measure_setting(model: str, setting: str, server: list[str], args, log_dir: 
     shutil.rmtree(density_dir, ignore_errors=True)
     res, dens = {}, {}
     t0 = time.time()
-    with vllm_server(model, server, log_dir / f"serve-{tag}.log",
-                     env={ENV_VAR: str(density_dir)}) as url:
+    env = {} if args.no_density_log else {ENV_VAR: str(density_dir)}
+    with vllm_server(model, server, log_dir / f"serve-{tag}.log", env=env) as url:
         bench_serve(url, model, input_len=max(args.lengths), output_len=1, num_prompts=1,
                     concurrency=1)  # warm-up: Triton/FlashAttention JIT, allocator
         _, totals = measured_density(url, model, density_dir, read_density(density_dir))
@@ -101,13 +101,13 @@ def measure_setting(model: str, setting: str, server: list[str], args, log_dir: 
             serving = dict(decode_tok_s=dec["output_throughput"], decode_tpot_ms=dec["median_tpot_ms"],
                            mixed_mean_ttft_ms=mixed["mean_ttft_ms"], mixed_tok_s=mixed["output_throughput"])
         print(f"{setting}: done after {time.time() - t0:.0f} s", flush=True)
-    return dict(ttft=res, density=dens, density_per_layer=per_layer, commit=commit(),
+    return dict(ttft=res, density=dens, density_per_layer=per_layer, density_logged=bool(env), commit=commit(),
                 date=time.strftime("%Y-%m-%d"), command="python scripts/bench_e2e.py " + " ".join(sys.argv[1:]),
                 **serving)
 
 
 # Per-setting fields that travel with each record: where and how that setting was measured.
-PROVENANCE = ("commit", "date", "command", "mixed_note")
+PROVENANCE = ("commit", "date", "command", "mixed_note", "density_logged")
 SERVING = ("decode_tok_s", "decode_tpot_ms", "mixed_mean_ttft_ms", "mixed_tok_s")
 
 
@@ -135,9 +135,14 @@ def to_records(name: str, measured: dict) -> list[dict]:
         knobs = {} if setting == "dense" else json.loads(setting)
         for n, ttft in m["ttft"].items():
             d = m["density"].get(n)
+            if setting == "dense":
+                density = 1.0
+            elif m.get("density_logged", True):  # no record: below min_sparse_tokens, all blocks
+                density = 1.0 if d is None else d
+            else:
+                density = None  # the server ran without the density log
             rec = dict(model=name, setting=setting, knobs=knobs, prompt_len=int(n), ttft_ms=ttft,
-                       # dense computes every causal block; XATTN below min_sparse_tokens too
-                       density=1.0 if setting == "dense" or d is None else d,
+                       density=density,
                        **{k: m.get(k) for k in SERVING},
                        **{k: m[k] for k in PROVENANCE if m.get(k) is not None})
             if dense is not None and n in dense["ttft"]:
@@ -179,6 +184,9 @@ def main():
                          "so one setting per invocation works (device time limits)")
     ap.add_argument("--ttft-only", action="store_true",
                     help="skip the decode and mixed-serving runs (their fields stay null)")
+    ap.add_argument("--no-density-log", action="store_true",
+                    help="run the servers without XATTN_DENSITY_LOG (its one host sync per sparse "
+                         "step); densities are then recorded as null")
     ap.add_argument("--fresh", action="store_true",
                     help="measure every --settings anew and drop this model's other records from "
                          "--out (by default they are kept and not rerun, each record carrying the "
@@ -213,7 +221,8 @@ def main():
     print("|---|---|---|---|---|---|---|")
     for r in records:
         if r["model"] == name:
-            print(f"| {name} | {r['setting']} | {r['prompt_len']} | {r['density']:.3f} | {r['ttft_ms']:.1f} | "
+            dens = "n/a" if r["density"] is None else f"{r['density']:.3f}"
+            print(f"| {name} | {r['setting']} | {r['prompt_len']} | {dens} | {r['ttft_ms']:.1f} | "
                   f"{r.get('ttft_ms_dense', float('nan')):.1f} | {r.get('ttft_speedup', float('nan')):.2f}x |")
     for setting, m in measured.items():
         print(f"{setting}: decode {m.get('decode_tok_s')} tok/s (TPOT {m.get('decode_tpot_ms')} ms), "

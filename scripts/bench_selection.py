@@ -70,6 +70,8 @@ def main():
     ap.add_argument("--strides", type=int, nargs="+", default=[8, 16])
     ap.add_argument("--threshold", type=float, default=0.9)
     ap.add_argument("--old-selection", help="an older kernels/selection.py to time in the same run")
+    ap.add_argument("--num-warps", type=int, nargs="*", default=[],
+                    help="also time the selection kernel with these warps per row")
     args = ap.parse_args()
     old = load_old(args.old_selection) if args.old_selection else None
     dims = SHAPES["llama-3.1-8b"]
@@ -87,6 +89,8 @@ def main():
                            rows=sum(m.shape[0] * m.shape[1] for m in got),
                            ms=do_bench(lambda: select_blocks_packed(a, plan, mode=mode, **kw), warmup=5, rep=50),
                            rows_differing_from_reference=rows_differing(got, ref.select_blocks(scores, mode=mode, **kw)))
+                rec["ms_by_num_warps"] = {w: do_bench(lambda: select_blocks_packed(a, plan, mode=mode, num_warps=w, **kw),
+                                                      warmup=5, rep=50) for w in args.num_warps}
                 if mode == "threshold":
                     rec["rows_differing_from_float64_rule"] = rows_differing(got, threshold_masks_f64(scores, args.threshold))
                 if old is not None:

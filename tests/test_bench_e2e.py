@@ -60,3 +60,13 @@ def test_ttft_only_setting_pairs_with_dense_and_leaves_serving_fields_null():
     (rec,) = [r for r in to_records("m", {"dense": dense, s16: new}) if r["setting"] == s16]
     assert rec["ttft_speedup"] == pytest.approx(2.2) and rec["decode_tok_s"] is None
     assert rec["decode_tok_s_dense"] == 100.0
+
+
+def test_density_is_null_when_the_server_ran_without_the_log():
+    ratio = json.dumps({"selection": "ratio", "ratio": 0.1})
+    unlogged = dict(_m({4096: 120.0, 131072: 5000.0}, {4096: None, 131072: None}), density_logged=False)
+    measured = {"dense": _m({4096: 100.0, 131072: 9000.0}, {4096: None, 131072: None}), ratio: unlogged}
+    recs = {(r["setting"], r["prompt_len"]): r for r in to_records("m", measured)}
+    assert recs[("dense", 4096)]["density"] == 1.0
+    assert recs[(ratio, 4096)]["density"] is None and recs[(ratio, 131072)]["density"] is None
+    assert recs[(ratio, 131072)]["density_logged"] is False
