@@ -1,0 +1,107 @@
+"""Does the order of the FA3 executor's mini-requests matter? Same selection, same page lists,
+two orders, same run (H100):
+
+- ``head-major`` (what XATTN runs): all query blocks of head 0, then head 1, ... Heads of one
+  KV group run far apart in time, so a KV block that several of them selected is read from
+  HBM once per head unless L2 still holds it.
+- ``group-interleaved``: (KV head, query block, head in group): the G heads of a group on the
+  same query block run side by side and can share the KV blocks they both selected in L2.
+
+    python scripts/bench_executor_order.py --out benchmarks/results/executor_order_h100.json
+
+One request with no context and whole blocks (every mini-request 128 query rows), per-query-head
+ratio selection; outputs of the two orders must be identical (checked), then timed with
+triton.testing.do_bench next to dense FA3. Random inputs make heads' selections nearly
+independent, which understates what real attention (shared sink / local / stripe blocks)
+would share; --threshold adds threshold cases on the same random inputs.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_attention import executor_flops  # noqa: E402
+from bench_common import SHAPES, causal_flops, dense_fa3, paged_inputs, write_records  # noqa: E402
+
+from vllm_xattn.config import XAttnConfig  # noqa: E402
+from vllm_xattn.kernels import (  # noqa: E402
+    antidiagonal_scores_paged, build_page_lists, folded_kv_views, plan_prefill, select_blocks_packed,
+)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results/executor_order_h100.json")
+    ap.add_argument("--seq-lens", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.35])
+    ap.add_argument("--thresholds", type=float, nargs="*", default=[])
+    args = ap.parse_args()
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    dims = SHAPES["llama-3.1-8b"]
+    hq, hkv, d = dims["num_q_heads"], dims["num_kv_heads"], dims["head_dim"]
+    G, B = hq // hkv, 128
+    S = XAttnConfig().stride
+    records = []
+    for n in args.seq_lens:
+        assert n % B == 0
+        q, kv, bt, cu_q, sl = paged_inputs([n], [n], **dims)
+        dense_ms = do_bench(dense_fa3(q, kv, bt, cu_q, sl), warmup=3, rep=40)
+        dense_fl = causal_flops([n], [n], hq, d)
+        plan = plan_prefill(cu_q, sl, block_size=B, stride=S).to("cuda")
+        a = antidiagonal_scores_paged(q, kv, bt, plan)
+        R = plan.total_q_blocks
+        M = hq * R
+        # head-major query: mini-request m = h * R + r owns rows [m * B, (m + 1) * B)
+        q_hm = q.transpose(0, 1).contiguous().view(M * B, 1, d)
+        # group-interleaved position m' = (hk * R + r) * G + g holds mini-request (hk * G + g) * R + r
+        hk_, r_, g_ = torch.meshgrid(torch.arange(hkv), torch.arange(R), torch.arange(G), indexing="ij")
+        perm = ((hk_ * G + g_) * R + r_).reshape(-1).cuda()
+        q_gi = q_hm.view(M, B, 1, d)[perm].reshape(M * B, 1, d)
+        k_pages, v_pages, _ = folded_kv_views(kv)
+        sels = [dict(selection="ratio", ratio=x) for x in args.ratios]
+        sels += [dict(threshold=t) for t in args.thresholds]
+        for sel in sels:
+            cfg = XAttnConfig(**sel)
+            counts, ids, n_sel = select_blocks_packed(a, plan, mode=cfg.selection, threshold=cfg.threshold,
+                                                      ratio=cfg.ratio)
+            lists = build_page_lists(counts, ids, bt, kv, plan)
+            fl = executor_flops(lists, 1, d)
+            orders = {
+                "head-major": (q_hm, lists.page_table, lists.seqused_k, lists.cu_seqlens_q),
+                "group-interleaved": (q_gi, lists.page_table[perm].contiguous(), lists.seqused_k[perm].contiguous(),
+                                      torch.arange(M + 1, device="cuda", dtype=torch.int32) * B),
+            }
+            outs, times = {}, {}
+            for name, (qq, pt, used, cu) in orders.items():
+                o = torch.empty_like(qq)
+
+                def run(qq=qq, pt=pt, used=used, cu=cu, o=o):
+                    return flash_attn_varlen_func(
+                        q=qq, k=k_pages, v=v_pages, cu_seqlens_q=cu, max_seqlen_q=B,
+                        seqused_k=used, max_seqlen_k=lists.max_seqlen_k, softmax_scale=d ** -0.5,
+                        causal=True, block_table=pt, fa_version=3, out=o, num_splits=1)
+
+                run()
+                outs[name] = o.view(M, B, 1, d)
+                times[name] = do_bench(run, warmup=3, rep=40)
+            same = bool(torch.equal(outs["group-interleaved"], outs["head-major"][perm]))
+            density = int(n_sel) / (sum(i + 1 for i in plan.row_block.tolist()) * hq)
+            rec = dict(shape="llama-3.1-8b", seq_len=n, stride=S, **sel, density=density,
+                       identical_outputs=same, dense_fa3_ms=dense_ms, dense_tflops=dense_fl / dense_ms / 1e9,
+                       **{f"{k}_ms": v for k, v in times.items()},
+                       **{f"{k}_share_of_dense_throughput": (fl / v) / (dense_fl / dense_ms) for k, v in times.items()})
+            records.append(rec)
+            print(rec, flush=True)
+        del q, kv, a, q_hm, q_gi
+        torch.cuda.empty_cache()
+    write_records(Path(args.out), records, "python scripts/bench_executor_order.py " + " ".join(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
