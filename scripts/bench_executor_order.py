@@ -6,6 +6,13 @@ two orders, same run (H100):
   HBM once per head unless L2 still holds it.
 - ``group-interleaved``: (KV head, query block, head in group): the G heads of a group on the
   same query block run side by side and can share the KV blocks they both selected in L2.
+  Its query is copied into that order here (a layout change the backend would need).
+- ``group-interleaved-seqused-q``: the same execution order with the head-major query left in
+  place: FA3 takes each mini-request's start from ``cu_seqlens_q`` and its length from
+  ``seqused_q``, so the starts need not be sorted. vLLM's Python wrapper does not pass
+  ``seqused_q``; this calls its FA3 op directly (argument order of vllm 0.26.0's
+  ``flash_attn_interface.py``). If that works and is faster, the backend only has to permute
+  per-step metadata and the page-table rows.
 
     python scripts/bench_executor_order.py --out benchmarks/results/executor_order_h100.json
 
@@ -32,6 +39,16 @@ from vllm_xattn.config import XAttnConfig  # noqa: E402
 from vllm_xattn.kernels import (  # noqa: E402
     antidiagonal_scores_paged, build_page_lists, folded_kv_views, plan_prefill, select_blocks_packed,
 )
+
+
+def fa3_with_seqused_q(q, k, v, out, cu_seqlens_q, seqused_q, max_seqlen_q, seqused_k, max_seqlen_k,
+                       block_table, softmax_scale):
+    """torch.ops._vllm_fa3_C.fwd as vllm 0.26.0's flash_attn_varlen_func calls it (causal,
+    no window, num_splits=1), plus ``seqused_q``."""
+    return torch.ops._vllm_fa3_C.fwd(
+        q, k, v, None, None, None, out, cu_seqlens_q, None, None, seqused_q, seqused_k,
+        max_seqlen_q, max_seqlen_k, block_table, None, None, None, None, None, None, None, None,
+        softmax_scale, True, -1, -1, 0.0, True, None, 1, None, 0, None, 1, 0, None)
 
 
 def main():
@@ -78,6 +95,23 @@ def main():
                                       torch.arange(M + 1, device="cuda", dtype=torch.int32) * B),
             }
             outs, times = {}, {}
+            try:  # head-major query in place; starts permuted (unsorted), lengths via seqused_q
+                # (the FA3 op library is loaded by the flash_attn_varlen_func import above)
+                total = torch.full((1,), M * B, dtype=torch.int32, device="cuda")  # batch + 1 entries
+                cu_hm = torch.cat([lists.cu_seqlens_q[:-1][perm], total])
+                used_q = torch.full((M,), B, dtype=torch.int32, device="cuda")
+                pt_p, used_p = lists.page_table[perm].contiguous(), lists.seqused_k[perm].contiguous()
+                o_sq = torch.empty_like(q_hm)
+
+                def run_sq():
+                    return fa3_with_seqused_q(q_hm, k_pages, v_pages, o_sq, cu_hm, used_q, B, used_p,
+                                              lists.max_seqlen_k, pt_p, d ** -0.5)
+
+                run_sq()
+                outs["group-interleaved-seqused-q"] = o_sq.view(M, B, 1, d)[perm]
+                times["group-interleaved-seqused-q"] = do_bench(run_sq, warmup=3, rep=40)
+            except Exception as e:  # the op's signature or seqused_q support differs
+                print(f"seqused_q variant failed: {type(e).__name__}: {e}", flush=True)
             for name, (qq, pt, used, cu) in orders.items():
                 o = torch.empty_like(qq)
 
@@ -91,6 +125,8 @@ def main():
                 outs[name] = o.view(M, B, 1, d)
                 times[name] = do_bench(run, warmup=3, rep=40)
             same = bool(torch.equal(outs["group-interleaved"], outs["head-major"][perm]))
+            if "group-interleaved-seqused-q" in outs:  # compared in group-interleaved order
+                same = same and bool(torch.equal(outs["group-interleaved-seqused-q"], outs["group-interleaved"]))
             density = int(n_sel) / (sum(i + 1 for i in plan.row_block.tolist()) * hq)
             rec = dict(shape="llama-3.1-8b", seq_len=n, stride=S, **sel, density=density,
                        identical_outputs=same, dense_fa3_ms=dense_ms, dense_tflops=dense_fl / dense_ms / 1e9,
@@ -98,7 +134,6 @@ def main():
                        **{f"{k}_share_of_dense_throughput": (fl / v) / (dense_fl / dense_ms) for k, v in times.items()})
             records.append(rec)
             print(rec, flush=True)
-        del q, kv, a, q_hm, q_gi
         torch.cuda.empty_cache()
     write_records(Path(args.out), records, "python scripts/bench_executor_order.py " + " ".join(sys.argv[1:]))
 
