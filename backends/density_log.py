@@ -2,8 +2,11 @@
 
 Off by default. When on, each sparse layer call records its selection counts (the device
 tensor [heads, query blocks], no sync) and its candidate count per head (host int from the
-plan); the metadata builder flushes the previous step's records at the next ``build()``, one
-host sync per scheduler step. Each process appends JSON lines to ``DIR/density-<pid>.jsonl``:
+plan). At the next ``build()`` the metadata builder flushes: the previous step's per-head sums
+start copying to pinned host memory behind a CUDA event (no sync, so async scheduling keeps
+overlapping steps), and earlier steps whose copy has finished are written. A record therefore
+reaches the file one or two steps later (at process exit at the latest). Each process appends
+JSON lines to ``DIR/density-<pid>.jsonl``:
 ``{"layer": 3, "tokens": 8192, "head_offset": 0, "selected_per_head": [...],
 "candidates_per_head": 456, "selected": 123, "candidates": 456 * heads}``; ``head_offset`` is the
 rank's first query head under tensor parallelism, so ranks' logs merge into per-head figures.
@@ -25,26 +28,55 @@ class DensityLog:
     def __init__(self, directory: str):
         Path(directory).mkdir(parents=True, exist_ok=True)
         self.path = Path(directory) / f"density-{os.getpid()}.jsonl"
-        self.pending: list[tuple[int, int, int, torch.Tensor, int]] = []
-        atexit.register(self.flush)
+        self.pending: list[tuple[int, int, int, torch.Tensor, int]] = []  # this step's layers
+        # Earlier steps: (records without their counts, per-head sums on the host, copy event).
+        self.copying: list[tuple[list[tuple], torch.Tensor, object]] = []
+        atexit.register(self.flush, wait=True)
 
     def record(self, layer: int, tokens: int, head_offset: int, counts: torch.Tensor,
                candidates_per_head: int) -> None:
         """``counts``: int [heads, query blocks], selected key blocks per row (device)."""
         self.pending.append((layer, tokens, head_offset, counts, candidates_per_head))
 
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        per_head = torch.cat([p[3].sum(1, dtype=torch.int64) for p in self.pending]).tolist()
+    @staticmethod
+    def _to_host(sums: torch.Tensor) -> tuple[torch.Tensor, object]:
+        """Start copying ``sums`` to the host; returns (host tensor, event to query, or None
+        if the copy is already done)."""
+        if not sums.is_cuda:
+            return sums, None
+        host = torch.empty(sums.shape, dtype=sums.dtype, pin_memory=True)
+        host.copy_(sums, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+
+    def flush(self, wait: bool = False) -> None:
+        """Queue the pending step's sums for the host; write every queued step whose copy is
+        done (all of them, waiting, with ``wait``)."""
+        if self.pending:
+            sums = torch.cat([p[3].sum(1, dtype=torch.int64) for p in self.pending])
+            host, event = self._to_host(sums)
+            meta = [(layer, tokens, offset, counts.shape[0], cand)
+                    for layer, tokens, offset, counts, cand in self.pending]
+            self.copying.append((meta, host, event))
+            self.pending = []
+        while self.copying:
+            meta, host, event = self.copying[0]
+            if event is not None and not event.query():
+                if not wait:
+                    return
+                event.synchronize()
+            self._write(meta, host.tolist())
+            self.copying.pop(0)
+
+    def _write(self, meta: list[tuple], per_head: list[int]) -> None:
         with open(self.path, "a") as f:
             i = 0
-            for layer, tokens, offset, counts, cand in self.pending:
-                sel, i = per_head[i: i + counts.shape[0]], i + counts.shape[0]
+            for layer, tokens, offset, heads, cand in meta:
+                sel, i = per_head[i: i + heads], i + heads
                 f.write(json.dumps(dict(layer=layer, tokens=tokens, head_offset=offset,
                                         selected_per_head=sel, candidates_per_head=cand,
                                         selected=sum(sel), candidates=cand * len(sel))) + "\n")
-        self.pending.clear()
 
 
 _log: DensityLog | None = None

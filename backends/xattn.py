@@ -124,7 +124,7 @@ class XAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
               fast_build: bool = False) -> FlashAttentionMetadata:
         cm = common_attn_metadata
         if (log := density_log()) is not None:
-            log.flush()  # the previous step's layers are done (one sync per step, opt-in)
+            log.flush()  # the previous step's layers are enqueued: copy their counts (no sync)
         split = None
         if (cm.causal is True and not fast_build and self.dcp_world_size == 1
                 and cm.seq_lens_cpu_upper_bound is not None and cm.max_query_len >= self.xattn.block_size

@@ -185,8 +185,8 @@ def main():
     ap.add_argument("--ttft-only", action="store_true",
                     help="skip the decode and mixed-serving runs (their fields stay null)")
     ap.add_argument("--no-density-log", action="store_true",
-                    help="run the servers without XATTN_DENSITY_LOG (its one host sync per sparse "
-                         "step); densities are then recorded as null")
+                    help="run the servers without XATTN_DENSITY_LOG (what users run); densities "
+                         "are then recorded as null")
     ap.add_argument("--fresh", action="store_true",
                     help="measure every --settings anew and drop this model's other records from "
                          "--out (by default they are kept and not rerun, each record carrying the "

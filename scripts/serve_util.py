@@ -74,11 +74,13 @@ def post(url: str, path: str, body: dict, timeout: float = 600) -> dict:
 
 def measured_density(url: str, model: str, log_dir: Path, before: dict) -> tuple[float | None, dict]:
     """Density the server's sparse layers ran at since ``before`` (``read_density`` totals of
-    its XATTN_DENSITY_LOG directory). A one-token request first makes the server build one
-    more step, which flushes the last step's records."""
+    its XATTN_DENSITY_LOG directory). Two one-token requests first make the server build two
+    more steps: the first starts copying the last step's records to the host, the second
+    writes them (density_log.DensityLog.flush)."""
     from vllm_xattn.backends.density_log import read_density
 
-    post(url, "/v1/completions", {"model": model, "prompt": "hi", "max_tokens": 1})
+    for _ in range(2):
+        post(url, "/v1/completions", {"model": model, "prompt": "hi", "max_tokens": 1})
     now = read_density(log_dir)
     sel, cand = now["selected"] - before["selected"], now["candidates"] - before["candidates"]
     return (sel / cand if cand else None), now

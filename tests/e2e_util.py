@@ -52,8 +52,9 @@ if spec["top_logprobs"]:  # per prompt, per generated token: [[token, logprob], 
     print("TOP=" + json.dumps([[sorted(([t, lp.logprob] for t, lp in pos.items()), key=lambda x: -x[1])
                                 for pos in o.outputs[0].logprobs] for o in outs]))
 import os
-if os.environ.get("XATTN_DENSITY_LOG"):  # one more step flushes the last step's density records
-    llm.generate([TokensPrompt(prompt_token_ids=[1, 2, 3])], SamplingParams(max_tokens=1))
+if os.environ.get("XATTN_DENSITY_LOG"):  # two more steps write the last step's density records
+    for _ in range(2):
+        llm.generate([TokensPrompt(prompt_token_ids=[1, 2, 3])], SamplingParams(max_tokens=1))
 """
 
 

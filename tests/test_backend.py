@@ -231,6 +231,40 @@ def test_density_log_records_sparse_layers_and_flushes_per_step(dispatch, monkey
     assert '"tokens": 8' in line and '"head_offset": 8' in line
 
 
+def test_density_log_writes_a_step_once_its_host_copy_is_done(monkeypatch, tmp_path):
+    """On the GPU the per-head sums reach the host behind an event: flush() never waits for
+    it (no sync per step) but writes the step at a later flush, or at exit (wait=True)."""
+    from vllm_xattn.backends import density_log as dl
+
+    class Event:
+        done = False
+
+        def query(self):
+            return self.done
+
+        def synchronize(self):
+            self.done = True
+
+    events = []
+
+    def to_host(sums):
+        events.append(Event())
+        return sums, events[-1]
+
+    log = dl.DensityLog(str(tmp_path))
+    monkeypatch.setattr(log, "_to_host", to_host)
+    counts = torch.ones(4, 3, dtype=torch.int32)
+    log.record(0, 16, 0, counts, 6)
+    log.flush()  # copy started, not done: nothing written, nothing waited for
+    assert dl.read_density(tmp_path)["candidates"] == 0 and not events[0].done
+    log.record(1, 16, 0, counts, 6)
+    events[0].done = True
+    log.flush()  # step 0's copy is done: written; step 1's still copying
+    assert dl.read_density(tmp_path)["per_layer"] == {0: 0.5}
+    log.flush(wait=True)  # what exit does
+    assert dl.read_density(tmp_path)["per_layer"] == {0: 0.5, 1: 0.5}
+
+
 def test_sparse_step_counts_causal_candidates():
     from vllm_xattn.backends.sparse_prefill import SparseStep
     from vllm_xattn.kernels import plan_prefill
