@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
+from vllm.logger import init_logger
 
 from vllm_xattn.backends.executors import FA3, FlashInferContext
 from vllm_xattn.config import XAttnConfig
@@ -26,6 +27,8 @@ from vllm_xattn.kernels import (
 )
 from vllm_xattn.kernels.plan import _ints
 
+logger = init_logger("vllm.xattn")
+
 
 def choose_sparse_suffix(query_start_loc_cpu, seq_lens_cpu, *, min_sparse_tokens: int,
                          block_size: int) -> int | None:
@@ -38,16 +41,23 @@ def choose_sparse_suffix(query_start_loc_cpu, seq_lens_cpu, *, min_sparse_tokens
     request that sits before a non-qualifying one (other batch orders) runs dense:
     slower, never wrong.
     """
+    first, _ = _sparse_suffix(query_start_loc_cpu, seq_lens_cpu, min_sparse_tokens=min_sparse_tokens,
+                              block_size=block_size)
+    return first
+
+
+def _sparse_suffix(query_start_loc_cpu, seq_lens_cpu, *, min_sparse_tokens: int,
+                   block_size: int) -> tuple[int | None, int]:
+    """(first request of the sparse suffix or None, qualifying requests before it: the ones
+    the batch order makes run dense)."""
     # via .tolist(): iterating a tensor element by element costs microseconds per request.
     qsl, lens = _ints(query_start_loc_cpu), _ints(seq_lens_cpu)
+    qualifies = [qsl[r + 1] - qsl[r] >= block_size and lens[r] >= min_sparse_tokens
+                 for r in range(len(lens))]
     first = len(lens)
-    while first > 0:
-        r = first - 1
-        if qsl[r + 1] - qsl[r] >= block_size and lens[r] >= min_sparse_tokens:
-            first = r
-        else:
-            break
-    return first if first < len(lens) else None
+    while first > 0 and qualifies[first - 1]:
+        first -= 1
+    return (first if first < len(lens) else None), sum(qualifies[:first])
 
 
 def plan_sparse_suffix(query_start_loc_cpu, seq_lens_cpu, cfg: XAttnConfig,
@@ -58,8 +68,15 @@ def plan_sparse_suffix(query_start_loc_cpu, seq_lens_cpu, cfg: XAttnConfig,
     plan's query rows are relative to the suffix's first token. ``tiles`` (block_m/block_n)
     override the scoring tiles (tests).
     """
-    first = choose_sparse_suffix(query_start_loc_cpu, seq_lens_cpu,
-                                 min_sparse_tokens=cfg.min_sparse_tokens, block_size=cfg.block_size)
+    first, skipped = _sparse_suffix(query_start_loc_cpu, seq_lens_cpu,
+                                    min_sparse_tokens=cfg.min_sparse_tokens, block_size=cfg.block_size)
+    if skipped:
+        # Never silent: the model runner put a short request after a long prefill (V2 sorts
+        # prefills by length; the V1 runner does not), so that prefill runs dense this step.
+        logger.warning_once(
+            "XATTN: a long prefill ran dense because a shorter request followed it in the batch "
+            "(the model runner's batch order); correct, but slower. vLLM's model runner V2 "
+            "orders long prefills last.")
     if first is None:
         return None
     qsl = _ints(query_start_loc_cpu)

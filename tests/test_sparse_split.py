@@ -84,3 +84,20 @@ def test_scratch_bounds_hold_for_adversarial_batches():
         pool.check_fits(plan, sum(qlens), 2, 16)
         if qlens[0] == 66:
             assert plan.total_q_blocks == 45  # really Tq/B + 2 blocks each
+
+
+def test_a_long_prefill_before_a_short_request_runs_dense_with_a_warning(monkeypatch):
+    """Another runner's order (long prefill, then a short prefill, then another long one): the
+    suffix is the last request only, and the skipped long prefill is reported, not silent."""
+    from vllm_xattn.backends import sparse_prefill as sp
+
+    warnings = []
+    monkeypatch.setattr(sp.logger, "warning_once", lambda msg, *a: warnings.append(msg))
+    cfg = XAttnConfig(block_size=64, stride=4, min_sparse_tokens=128)
+    qsl, seqs = torch.tensor([0, 200, 240, 440]), torch.tensor([200, 40, 300])
+    assert sp._sparse_suffix(qsl, seqs, min_sparse_tokens=128, block_size=64) == (2, 1)
+    first, _ = sp.plan_sparse_suffix(qsl, seqs, cfg)
+    assert first == 2 and len(warnings) == 1 and "ran dense" in warnings[0]
+    warnings.clear()
+    sp.plan_sparse_suffix(torch.tensor([0, 40, 240]), torch.tensor([40, 200]), cfg)  # V2 order
+    assert warnings == []
