@@ -29,16 +29,25 @@ from vllm_xattn.kernels import (  # noqa: E402
 
 
 def pipeline(q, kv_cache, block_table, plan, *, threshold, hkv, tiles=None):
+    """The per-layer work as serving runs it: what serving makes once per step or once per
+    process (the thresholds tensor, the mini-requests' query offsets, the page-table buffer)
+    is made here once, outside the timed calls."""
     kw = tiles or {}
+    hq = q.shape[1]
+    tau = torch.full((hq,), threshold, dtype=torch.float32, device=q.device)
+    cu = plan.mini_cu_seqlens_q(hq).to(q.device)
+    page_table = torch.empty(hq * plan.total_q_blocks, plan.max_kb * (plan.block_size // kv_cache.shape[2]),
+                             dtype=torch.int32, device=q.device)
 
     def scoring():
         return antidiagonal_scores_paged(q, kv_cache, block_table, plan, **kw)
 
     def select(a):
-        return select_blocks_packed(a, plan, threshold=threshold)
+        return select_blocks_packed(a, plan, threshold=tau)
 
     def lists(counts, ids):
-        return build_page_lists(counts, ids, block_table, kv_cache, plan)
+        return build_page_lists(counts, ids, block_table, kv_cache, plan, page_table=page_table,
+                                cu_seqlens_q=cu)
 
     def run():
         counts, ids, n_sel = select(scoring())
