@@ -112,7 +112,7 @@ class SparseStep:
                    if executor is not None else None)
         return cls(plan=plan.to(device), block_table=block_table, tok_start=tok_start,
                    tok_end=tok_end, mini_cu_seqlens_q=cu, executor=executor, executor_step=ex_step,
-                   candidate_blocks=int((plan.row_block.to(torch.int64) + 1).sum()))
+                   candidate_blocks=plan.causal_blocks())
 
 
 class ScratchPool:

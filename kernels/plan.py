@@ -61,6 +61,11 @@ class XAttnPlan:
                for f in fields(self) if isinstance(getattr(self, f.name), Tensor)},
         )
 
+    def causal_blocks(self) -> int:
+        """Causal (query block, key block) pairs per head: the denominator of the density
+        (syncs if the plan is on the device)."""
+        return int((self.row_block.to(torch.int64) + 1).sum())
+
     def mini_cu_seqlens_q(self, num_heads: int) -> Tensor:
         """cu_seqlens_q [num_heads * TQB + 1] of mini-requests ordered (head, packed row), for a
         query laid out head-major ``(num_heads * T, G, D)`` (see ``query_index``)."""

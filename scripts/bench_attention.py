@@ -87,7 +87,7 @@ def main():
                     times.append((time.perf_counter() - t0) * 1e3)
                 plan_ms[name] = min(times[1:])
             plan = steps[args.executor[0]].plan
-            cand = sum(i + 1 for i in plan.row_block.tolist()) * hq
+            cand = plan.causal_blocks() * hq
             qh = q.view(n, sel_heads, group, d).transpose(0, 1).contiguous().view(sel_heads * n, group, d)
             oh = torch.empty_like(qh)
             settings = [dict(selection="ratio", ratio=r) for r in args.ratios]

@@ -83,13 +83,16 @@ def measure_setting(model: str, setting: str, server: list[str], args, log_dir: 
     with vllm_server(model, server, log_dir / f"serve-{tag}.log", env=env) as url:
         bench_serve(url, model, input_len=max(args.lengths), output_len=1, num_prompts=1,
                     concurrency=1)  # warm-up: Triton/FlashAttention JIT, allocator
-        _, totals = measured_density(url, model, density_dir, read_density(density_dir))
+        def density_since(before):  # (density, totals); none without the log
+            return measured_density(url, model, density_dir, before) if env else (None, before)
+
+        _, totals = density_since(read_density(density_dir))
         print(f"{setting}: server up and warm after {time.time() - t0:.0f} s", flush=True)
         for i, n in enumerate(args.lengths):
             r = bench_serve(url, model, input_len=n, output_len=1, concurrency=1, seed=1 + i,
                             num_prompts=args.short_prompts if n < 8192 else args.prompts_per_length)
             res[n] = r["median_ttft_ms"]
-            dens[n], totals = measured_density(url, model, density_dir, totals)
+            dens[n], totals = density_since(totals)
             print(f"{setting} {n}: TTFT {res[n]:.1f} ms, density {dens[n]}", flush=True)
         per_layer = totals["per_layer"]  # everything logged so far: warm-up and TTFT runs
         serving = dict(decode_tok_s=None, decode_tpot_ms=None, mixed_mean_ttft_ms=None, mixed_tok_s=None)

@@ -127,7 +127,7 @@ def main():
             same = bool(torch.equal(outs["group-interleaved"], outs["head-major"][perm]))
             if "group-interleaved-seqused-q" in outs:  # compared in group-interleaved order
                 same = same and bool(torch.equal(outs["group-interleaved-seqused-q"], outs["group-interleaved"]))
-            density = int(n_sel) / (sum(i + 1 for i in plan.row_block.tolist()) * hq)
+            density = int(n_sel) / (plan.causal_blocks() * hq)
             rec = dict(shape="llama-3.1-8b", seq_len=n, stride=S, **sel, density=density,
                        identical_outputs=same, dense_fa3_ms=dense_ms, dense_tflops=dense_fl / dense_ms / 1e9,
                        **{f"{k}_ms": v for k, v in times.items()},

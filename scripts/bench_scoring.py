@@ -173,7 +173,7 @@ def main():
             scoring, run, select, make_lists = pipeline(q, kv, bt, plan, threshold=args.threshold,
                                                         hkv=dims["num_kv_heads"], tiles=launch)
             lists, n_sel = run()
-            cand = sum((i + 1) for i in plan.row_block.tolist()) * dims["num_q_heads"]
+            cand = plan.causal_blocks() * dims["num_q_heads"]
             density = n_sel.item() / cand
             ms = do_bench(run, warmup=3, rep=50)
             score_ms = do_bench(scoring, warmup=3, rep=50)
