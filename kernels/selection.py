@@ -89,6 +89,10 @@ def _select_kernel(
     tl.store(cnt_ptr + h * s_ch + row, cnt)
 
 
+def _default_warps(mode: str, block_k: int) -> int:
+    return 1 if mode == "threshold" and block_k <= 1024 else 4
+
+
 def select_blocks_packed(
     a_packed: Tensor,
     plan: XAttnPlan,
@@ -106,9 +110,9 @@ def select_blocks_packed(
     threshold: float or float32 tensor [Hq] (e.g. a row of a [layers, heads] table).
     granularity "kv_group": sum each group's scores, select per kv head with tau = max over
     the group, return per-query-head outputs (the group's rows repeated).
-    num_warps: per row (program); default 4 up to 512 key blocks, else 8. Fewer warps reduce
-    over shuffles instead of shared memory and fit more rows per SM (to be measured:
-    scripts/bench_selection.py --num-warps).
+    num_warps: per row (program). Default: threshold 1 warp up to 1024 key blocks (its 31
+    masked sums reduce over shuffles, no shared memory; 0.28 vs 0.41 ms for 4 warps and 0.66
+    for 8 at 128K), else 4; top-k / ratio 4 (benchmarks/results/selection_h100.json).
     Returns (counts int32 [Hq, TQB], ids int32 [Hq, TQB, max_kb], n_selected int64 scalar).
     """
     if mode not in _MODES:
@@ -149,7 +153,7 @@ def select_blocks_packed(
     _select_kernel[(tqb, hs)](
         a, rb, tau, k_row, counts, ids,
         a.stride(0), a.stride(1), counts.stride(0), ids.stride(0), ids.stride(1),
-        TOPK=_MODES[mode], BLOCK_K=block_k, num_warps=num_warps or (4 if block_k <= 512 else 8),
+        TOPK=_MODES[mode], BLOCK_K=block_k, num_warps=num_warps or _default_warps(mode, block_k),
     )
     if g > 1:
         counts = counts.repeat_interleave(g, 0)
