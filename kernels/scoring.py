@@ -29,7 +29,7 @@ _LOG2E = 1.4426950408889634
 # never triggers a recompile mid-serving.
 @triton.jit(do_not_specialize=["n_work", "max_kt"])
 def _score_kernel(
-    q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_ptr,
+    q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_ptr, queue_ptr,
     n_work, num_q_heads, group,
     s_qt, s_qh, s_qd,
     s_kp, s_kh, s_kn, s_kd,
@@ -44,7 +44,6 @@ def _score_kernel(
     QB_T: tl.constexpr = BLOCK_M // BPS  # query blocks per work tile
     ND: tl.constexpr = D // BLOCK_D
     pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -54,7 +53,11 @@ def _score_kernel(
     scr_m = scr_m_ptr + pid.to(tl.int64) * max_kt * BLOCK_M
     p_offs = offs_m[:, None] * NB_T + offs_nb[None, :]
 
-    for w in range(pid, n_work, nprog):
+    # Work items come longest first from a shared counter: a program takes the next one when
+    # it finishes its last, so the makespan stays near the mean (a static round-robin split
+    # left some programs 40 % more causal key tiles than others).
+    w = tl.atomic_add(queue_ptr, 1)
+    while w < n_work:
         tile = w // num_q_heads  # heads innermost: neighbours share K in L2
         h = w % num_q_heads
         r = tl.load(tiles_ptr + 2 * tile)
@@ -131,13 +134,15 @@ def _score_kernel(
             jcols = kt * NB_T + offs_nb
             tl.store(a_rows + jcols[None, :], blk, mask=rmask[:, None] & (jcols < n_kb)[None, :])
         tl.debug_barrier()  # before the next work item overwrites the scratch
+        w = tl.atomic_add(queue_ptr, 1)
 
 
 def scoring_workspace_numel(plan: XAttnPlan, num_programs: int) -> int:
     """float32 scratch elements: per program and key tile, BLOCK_M row maxima plus
-    BLOCK_M x (key blocks per tile) partial sums. Independent of the number of heads."""
+    BLOCK_M x (key blocks per tile) partial sums, and one element for the work counter.
+    Independent of the number of heads."""
     nb_t = plan.block_n // (plan.block_size // plan.stride)
-    return num_programs * plan.max_key_tiles * plan.block_m * (1 + nb_t)
+    return num_programs * plan.max_key_tiles * plan.block_m * (1 + nb_t) + 1
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -203,11 +208,13 @@ def antidiagonal_scores_paged(
     elif workspace.numel() < need or workspace.dtype != torch.float32:
         raise ValueError(f"workspace must be float32 with >= {need} elements")
     n_m = nprog * plan.max_key_tiles * plan.block_m
-    scr_m, scr_p = workspace[:n_m], workspace[n_m:need]
+    scr_m, scr_p = workspace[:n_m], workspace[n_m:need - 1]
+    queue = workspace[need - 1:need].view(torch.int32)
+    queue.zero_()
     kw = {"num_warps": num_warps or (8 if plan.block_m * plan.block_n >= 128 * 64 else 4)}
     kw["num_stages"] = num_stages or 4
     _score_kernel[(nprog,)](
-        q, kv_cache, block_table, out, scr_p, scr_m, plan.tiles, plan.req_meta,
+        q, kv_cache, block_table, out, scr_p, scr_m, plan.tiles, plan.req_meta, queue,
         n_work, hq, hq // hkv,
         q.stride(0), q.stride(1), q.stride(2),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
