@@ -197,7 +197,7 @@ class SparsePrefill:
         scores = pool.scores[:, : plan.total_q_blocks, : plan.max_kb]
         a = antidiagonal_scores_paged(q, kv_cache, step.block_table, plan, out=scores,
                                       workspace=pool.workspace, num_programs=pool.num_programs)
-        counts, ids, _ = select_blocks_packed(
+        counts, ids = select_blocks_packed(
             a, plan, mode=cfg.selection,
             threshold=self._tau(q.device),
             topk=cfg.topk, ratio=cfg.ratio, granularity=cfg.granularity,

@@ -2,7 +2,7 @@
 
 Per scheduler step: ``plan = plan_prefill(...).to(device)`` (host metadata, one copy). Per layer:
 ``A = antidiagonal_scores_paged(q, kv_cache, block_table, plan)`` ->
-``counts, ids, n_sel = select_blocks_packed(A, plan, ...)`` ->
+``counts, ids = select_blocks_packed(A, plan, ...)`` ->
 ``lists = build_page_lists(counts, ids, block_table, kv_cache, plan)`` (padded, FA3) or
 ``build_page_csr(...)`` (CSR, FlashInfer) -> executor over ``folded_kv_views(kv_cache)``. No host synchronisation after the plan.
 """

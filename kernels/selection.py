@@ -12,7 +12,7 @@ kept; every higher level is kept whole, and within that level a prefix in j orde
 cumsum). Top-k is the same search with weight 1 per block and the count as the limit.
 
 Outputs: counts int32 [H, TQB]; ids int32 [H, TQB, max_kb], ascending key blocks with the
-diagonal LAST (entries past count undefined); the total selected (device int64 scalar).
+diagonal LAST (entries past count undefined). ``counts.sum()`` is the number selected.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def select_blocks_packed(
     granularity: str = "head",
     num_kv_heads: int | None = None,
     num_warps: int | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:
     """Select key blocks per (head, packed row) of ``a_packed`` [Hq, TQB, max_kb].
 
     threshold: float or float32 tensor [Hq] (e.g. a row of a [layers, heads] table).
@@ -113,7 +113,7 @@ def select_blocks_packed(
     num_warps: per row (program). Default: threshold 1 warp up to 1024 key blocks (its 31
     masked sums reduce over shuffles, no shared memory; 0.28 vs 0.41 ms for 4 warps and 0.66
     for 8 at 128K), else 4; top-k / ratio 4 (benchmarks/results/selection_h100.json).
-    Returns (counts int32 [Hq, TQB], ids int32 [Hq, TQB, max_kb], n_selected int64 scalar).
+    Returns (counts int32 [Hq, TQB], ids int32 [Hq, TQB, max_kb]).
     """
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {tuple(_MODES)}, got {mode!r}")
@@ -158,7 +158,7 @@ def select_blocks_packed(
     if g > 1:
         counts = counts.repeat_interleave(g, 0)
         ids = ids.repeat_interleave(g, 0)
-    return counts, ids, counts.sum()
+    return counts, ids
 
 
 def masks_from_selection(counts: Tensor, ids: Tensor, plan: XAttnPlan) -> list[Tensor]:

@@ -49,19 +49,19 @@ def analyze_layer(path, settings, dense_ms_cache, timing: bool):
                                              block_size=128)[0]
         got = unpack_scores(a, plan)[0]
         err = ((got - want).abs() / (want.abs() + 1e-3)).max().item()
-        counts, ids, n_sel = select_blocks_packed(a, plan, threshold=tau)
+        counts, ids = select_blocks_packed(a, plan, threshold=tau)
         mask = masks_from_selection(counts, ids, plan)[0]
         mask_ref = ref.select_blocks([want], threshold=tau)[0].cpu()
         rows_diff = int((mask != mask_ref).any(-1).sum())
         cand = sum(i + 1 for i in range(plan.row_block.numel())) * hq
         rec = dict(layer=cap["layer"], stride=stride, threshold=tau, seq_len=n,
-                   density=int(n_sel) / cand, max_rel_score_err=err,
+                   density=int(counts.sum()) / cand, max_rel_score_err=err,
                    selection_rows=mask.shape[0] * mask.shape[1],
                    rows_differing_from_reference=rows_diff)
         if timing:
             def run():
                 aa = antidiagonal_scores_paged(q, kv, bt, plan)
-                c, i, _ = select_blocks_packed(aa, plan, threshold=tau)
+                c, i = select_blocks_packed(aa, plan, threshold=tau)
                 return build_page_lists(c, i, bt, kv, plan)
             rec["ms"] = do_bench(run, rep=50)
             rec["dense_fa3_ms"] = dense_ms_cache["dense"]

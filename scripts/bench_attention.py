@@ -98,7 +98,7 @@ def main():
                                    scale=d ** -0.5, thresholds=None)
                 # The selection both executors run (deterministic), and its FLOPs.
                 a = antidiagonal_scores_paged(q, kv, bt, plan)
-                counts, ids, _ = select_blocks_packed(a, plan, mode=cfg.selection,
+                counts, ids = select_blocks_packed(a, plan, mode=cfg.selection,
                                                       threshold=cfg.threshold, ratio=cfg.ratio,
                                                       granularity=cfg.granularity, num_kv_heads=hkv)
                 ex_fl = executor_flops(build_page_lists(counts, ids, bt, kv, plan, granularity=cfg.granularity,

@@ -85,7 +85,7 @@ def main():
         sels += [dict(threshold=t) for t in args.thresholds]
         for sel in sels:
             cfg = XAttnConfig(**sel)
-            counts, ids, n_sel = select_blocks_packed(a, plan, mode=cfg.selection, threshold=cfg.threshold,
+            counts, ids = select_blocks_packed(a, plan, mode=cfg.selection, threshold=cfg.threshold,
                                                       ratio=cfg.ratio)
             lists = build_page_lists(counts, ids, bt, kv, plan)
             fl = executor_flops(lists, 1, d)
@@ -127,7 +127,7 @@ def main():
             same = bool(torch.equal(outs["group-interleaved"], outs["head-major"][perm]))
             if "group-interleaved-seqused-q" in outs:  # compared in group-interleaved order
                 same = same and bool(torch.equal(outs["group-interleaved-seqused-q"], outs["group-interleaved"]))
-            density = int(n_sel) / (plan.causal_blocks() * hq)
+            density = int(counts.sum()) / (plan.causal_blocks() * hq)
             rec = dict(shape="llama-3.1-8b", seq_len=n, stride=S, **sel, density=density,
                        identical_outputs=same, dense_fa3_ms=dense_ms, dense_tflops=dense_fl / dense_ms / 1e9,
                        **{f"{k}_ms": v for k, v in times.items()},

@@ -50,8 +50,8 @@ def pipeline(q, kv_cache, block_table, plan, *, threshold, hkv, tiles=None):
                                 cu_seqlens_q=cu)
 
     def run():
-        counts, ids, n_sel = select(scoring())
-        return lists(counts, ids), n_sel
+        counts, ids = select(scoring())
+        return lists(counts, ids), counts
 
     return scoring, run, select, lists
 
@@ -67,7 +67,7 @@ def check_against_reference(shape, seq_lens, query_lens, stride, threshold, log)
     got = unpack_scores(a, plan)
     want = ref.antidiagonal_block_scores(q, k, cu_q.cuda(), cu_k.cuda(), stride=stride, block_size=128)
     err = max(((g - w).abs() / (w.abs() + 1e-3)).max().item() for g, w in zip(got, want))
-    counts, ids, _ = select_blocks_packed(a, plan, threshold=threshold)
+    counts, ids = select_blocks_packed(a, plan, threshold=threshold)
     sel = masks_from_selection(counts, ids, plan)
     sel_ref = ref.select_blocks(want, threshold=threshold)
     sel_same = ref.select_blocks([w.cpu() for w in got], threshold=threshold)
@@ -172,14 +172,14 @@ def main():
             launch = {k: best[k] for k in ("num_warps", "num_stages", "block_d") if k in best}
             scoring, run, select, make_lists = pipeline(q, kv, bt, plan, threshold=args.threshold,
                                                         hkv=dims["num_kv_heads"], tiles=launch)
-            lists, n_sel = run()
+            lists, counts = run()
             cand = plan.causal_blocks() * dims["num_q_heads"]
-            density = n_sel.item() / cand
+            density = counts.sum().item() / cand
             ms = do_bench(run, warmup=3, rep=50)
             score_ms = do_bench(scoring, warmup=3, rep=50)
             a = scoring()
             select_ms = do_bench(lambda: select(a), warmup=3, rep=50)
-            counts, ids, _ = select(a)
+            counts, ids = select(a)
             lists_ms = do_bench(lambda: make_lists(counts, ids), warmup=3, rep=50)
             rec = dict(shape=shape, seq_len=seq_lens[0], batch=len(seq_lens), stride=stride,
                        threshold=args.threshold, inputs="random", ms=ms, scoring_ms=score_ms,

@@ -39,7 +39,7 @@ def test_densest_lists_are_the_all_blocks_selection():
     q, k, v, cu_q, cu_k, kv, bt, plan = problem()
     heads, indptr, last = densest_page_lists(plan, selection_heads=HQ, page_size=PAGE, max_keys=2**31 - 1)
     assert heads == HQ and indptr.dtype == last.dtype == torch.int32
-    counts, ids, _ = select_blocks_packed(antidiagonal_scores_paged(q, kv, bt, plan), plan, threshold=1.0)
+    counts, ids = select_blocks_packed(antidiagonal_scores_paged(q, kv, bt, plan), plan, threshold=1.0)
     csr = build_page_csr(counts, ids, bt, kv, plan)
     assert torch.equal(csr.indptr, indptr) and torch.equal(csr.last_page_len, last)
 
@@ -126,7 +126,7 @@ def test_one_plan_serves_layers_with_different_selections(monkeypatch, granulari
         sp = SparsePrefill(cfg, num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, scale=0.3, thresholds=None)
         out = torch.zeros_like(q)
         sp.run(q, kv, step, out, pool)
-        counts, ids, _ = select_blocks_packed(antidiagonal_scores_paged(q, kv, bt, step.plan), step.plan,
+        counts, ids = select_blocks_packed(antidiagonal_scores_paged(q, kv, bt, step.plan), step.plan,
                                               mode=cfg.selection, threshold=cfg.threshold, topk=cfg.topk,
                                               granularity=granularity, num_kv_heads=HKV)
         masks = masks_from_selection(counts, ids, step.plan)

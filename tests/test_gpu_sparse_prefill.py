@@ -53,7 +53,7 @@ def test_sparse_prefill_matches_reference(granularity, selection, hq, hkv, d, pa
 
     # The same selection, as masks, through the reference attention in float32.
     a = antidiagonal_scores_paged(q, kv_cache, bt, plan)
-    counts, ids, _ = select_blocks_packed(a, plan, mode=cfg.selection, threshold=cfg.threshold,
+    counts, ids = select_blocks_packed(a, plan, mode=cfg.selection, threshold=cfg.threshold,
                                           ratio=cfg.ratio, granularity=granularity, num_kv_heads=hkv)
     masks = [m.to(dev) for m in masks_from_selection(counts, ids, plan)]
     want = ref.block_sparse_attention(q.float(), k.float(), v.float(), cu_q.to(dev), cu_k.to(dev),
@@ -114,7 +114,7 @@ def test_flashinfer_executor_one_plan_two_layers(monkeypatch, granularity, hq, h
         out = torch.zeros_like(q)
         sp.run(q, kv_cache, step, out, pool)
         a = antidiagonal_scores_paged(q, kv_cache, bt, step.plan)
-        counts, ids, _ = select_blocks_packed(a, step.plan, mode=cfg.selection, threshold=cfg.threshold,
+        counts, ids = select_blocks_packed(a, step.plan, mode=cfg.selection, threshold=cfg.threshold,
                                               ratio=cfg.ratio, granularity=granularity, num_kv_heads=hkv)
         masks = [m.to("cuda") for m in masks_from_selection(counts, ids, step.plan)]
         want = ref.block_sparse_attention(q.float(), k.float(), v.float(), cu_q.cuda(), cu_k.cuda(),
@@ -149,7 +149,7 @@ def test_fa3_and_flashinfer_agree(granularity):
         step = SparseStep.from_host_plan(host_plan, block_table=bt, tok_start=0, tok_end=T,
                                          selection_heads=hs, device="cuda", executor=executor)
         a = antidiagonal_scores_paged(q, kv_cache, bt, step.plan)
-        counts, ids, _ = select_blocks_packed(a, step.plan, threshold=0.9, granularity=granularity,
+        counts, ids = select_blocks_packed(a, step.plan, threshold=0.9, granularity=granularity,
                                               num_kv_heads=hkv)
         q_hm = q.view(T, hs, group, d).transpose(0, 1).contiguous().view(hs * T, group, d)
         o = torch.zeros_like(q_hm)

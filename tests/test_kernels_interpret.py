@@ -241,12 +241,12 @@ def test_selection_exact_on_reference_scores(device, sel):
     p = make_problem(case, device)
     scores = ref_scores(p)
     kw = sel_kwargs(sel, p["q"].shape[1], p["hkv"])
-    counts, ids, n_sel = select_blocks_packed(pack(scores, p["plan"]).to(device), p["plan"], **kw)
+    counts, ids = select_blocks_packed(pack(scores, p["plan"]).to(device), p["plan"], **kw)
     want = select_blocks(scores, **kw)
     got = masks_from_selection(counts, ids, p["plan"])
     for g_, w_ in zip(got, want):
         assert torch.equal(g_, w_)
-    assert int(n_sel) == sum(int(m.sum()) for m in want)
+    assert int(counts.sum()) == sum(int(m.sum()) for m in want)
     check_id_order(counts, ids, p["plan"])
 
 
@@ -260,7 +260,7 @@ def test_selection_ties_and_degenerate():
     scores = [A]
     for kw in (dict(mode="threshold", threshold=0.6), dict(mode="threshold", threshold=0.0),
                dict(mode="topk", topk=4), dict(mode="ratio", ratio=0.5), dict(mode="threshold", threshold=2.0)):
-        counts, ids, _ = select_blocks_packed(A, plan, **kw)
+        counts, ids = select_blocks_packed(A, plan, **kw)
         assert torch.equal(masks_from_selection(counts, ids, plan)[0], select_blocks(scores, **kw)[0]), kw
         check_id_order(counts, ids, plan)
 
@@ -295,11 +295,11 @@ def test_selection_exact_quantized_property(seed, n_blocks, mode, tau, k):
           "thr_head": dict(mode="threshold", threshold=torch.tensor([tau, 0.5, 1.0, 0.25])),
           "topk": dict(mode="topk", topk=k), "ratio": dict(mode="ratio", ratio=k / 6),
           "kv_group": dict(mode="threshold", threshold=tau, granularity="kv_group", num_kv_heads=hkv)}[mode]
-    counts, ids, n_sel = select_blocks_packed(A, plan, **kw)
+    counts, ids = select_blocks_packed(A, plan, **kw)
     want = select_blocks(scores, **kw)
     for g_, w_ in zip(masks_from_selection(counts, ids, plan), want):
         assert torch.equal(g_, w_)
-    assert int(n_sel) == sum(int(m.sum()) for m in want)
+    assert int(counts.sum()) == sum(int(m.sum()) for m in want)
 
 
 @pytest.mark.parametrize("device,case", CASES[:2] + [c for c in CASES if c.values[0] == "cuda"][:2])
@@ -307,7 +307,7 @@ def test_selection_on_kernel_scores(device, case):
     p = make_problem(case, device)
     kw = dict(mode="threshold", threshold=0.9)
     A = kernel_scores(p)
-    counts, ids, _ = select_blocks_packed(A, p["plan"], **kw)
+    counts, ids = select_blocks_packed(A, p["plan"], **kw)
     got = masks_from_selection(counts, ids, p["plan"])
     want = select_blocks(ref_scores(p), **kw)
     diff = sum(int((g_ != w_).sum()) for g_, w_ in zip(got, want))
@@ -349,7 +349,7 @@ def test_page_lists_end_to_end(device, case, granularity):
     p = make_problem(case, device)
     hq, hkv = p["q"].shape[1], p["hkv"]
     kw = dict(mode="threshold", threshold=0.8, granularity=granularity, num_kv_heads=hkv)
-    counts, ids, _ = select_blocks_packed(kernel_scores(p), p["plan"], **kw)
+    counts, ids = select_blocks_packed(kernel_scores(p), p["plan"], **kw)
     lists = build_page_lists(counts, ids, p["bt"], p["kv"], p["plan"], granularity=granularity, num_kv_heads=hkv)
     masks = masks_from_selection(counts, ids, p["plan"])
     want = block_sparse_attention(p["q"], p["k"], p["v"], p["cu_q"], p["cu_k"], masks, block_size=p["B"])
@@ -415,7 +415,7 @@ def test_page_csr_matches_page_lists(device, case, granularity):
     p = make_problem(case, device)
     hkv, page = p["hkv"], p["kv"].shape[2]
     kw = dict(granularity=granularity, num_kv_heads=hkv)
-    counts, ids, _ = select_blocks_packed(kernel_scores(p), p["plan"], mode="threshold", threshold=0.8, **kw)
+    counts, ids = select_blocks_packed(kernel_scores(p), p["plan"], mode="threshold", threshold=0.8, **kw)
     lists = build_page_lists(counts, ids, p["bt"], p["kv"], p["plan"], **kw)
     indices = torch.full((lists.page_table.numel() + 64,), -7, dtype=torch.int32, device=device)
     csr = build_page_csr(counts, ids, p["bt"], p["kv"], p["plan"], indices=indices, **kw)
@@ -449,7 +449,7 @@ def test_page_csr_end_to_end_reused_buffers(device, case, granularity):
                                    dtype=torch.int32, device=device))
     kw = dict(granularity=granularity, num_kv_heads=hkv)
     for sel in (dict(mode="threshold", threshold=0.95), dict(mode="topk", topk=2)):
-        counts, ids, _ = select_blocks_packed(kernel_scores(p), p["plan"], **sel, **kw)
+        counts, ids = select_blocks_packed(kernel_scores(p), p["plan"], **sel, **kw)
         masks = masks_from_selection(counts, ids, p["plan"])
         want = block_sparse_attention(p["q"], p["k"], p["v"], p["cu_q"], p["cu_k"], masks, block_size=p["B"])
         for h0, h1 in ((0, hs),) + (((1, hs),) if hs > 1 else ()):

@@ -40,7 +40,7 @@ def test_split_and_page_lists_match_reference():
     kv = kv.to(dev)
     q_sp = q[step.tok_start:step.tok_end]
     a = antidiagonal_scores_paged(q_sp.to(dev), kv, step.block_table, step.plan)
-    counts, ids, _ = select_blocks_packed(a, step.plan, threshold=cfg.threshold)
+    counts, ids = select_blocks_packed(a, step.plan, threshold=cfg.threshold)
     lists = build_page_lists(counts, ids, step.block_table, kv, step.plan,
                              cu_seqlens_q=step.mini_cu_seqlens_q)
 
