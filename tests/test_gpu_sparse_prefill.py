@@ -21,24 +21,29 @@ pytestmark = pytest.mark.gpu
 REQS = [(3000, 3000), (2500, 9000), (700, 5013)]
 
 
+def _problem(hq, hkv, d, page, reqs=REQS):
+    """bf16 q / k / v for ``reqs`` on the GPU and a paged cache with shuffled pages. q is scaled
+    up (peaky attention, like real models) so that selections are really sparse."""
+    torch.manual_seed(0)
+    tq, n = [a for a, _ in reqs], [b for _, b in reqs]
+    cu_q = torch.tensor([0] + torch.tensor(tq).cumsum(0).tolist(), dtype=torch.int32)
+    cu_k = torch.tensor([0] + torch.tensor(n).cumsum(0).tolist(), dtype=torch.int32)
+    k = torch.randn(int(cu_k[-1]), hkv, d, device="cuda").to(torch.bfloat16)
+    v = torch.randn_like(k)
+    q = (2.0 * torch.randn(int(cu_q[-1]), hq, d, device="cuda")).to(torch.bfloat16)
+    kv_cache, bt = make_paged_cache(k, v, cu_k, page, num_pages_extra=5,
+                                    generator=torch.Generator().manual_seed(1))
+    return q, k, v, cu_q, cu_k, n, kv_cache, bt
+
+
 @pytest.mark.parametrize("granularity", ["head", "kv_group"])
 @pytest.mark.parametrize("selection", [dict(threshold=0.9), dict(threshold=1.0),
                                        dict(selection="ratio", ratio=0.3)])
 @pytest.mark.parametrize("hq, hkv, d, page", [(8, 2, 128, 16), (14, 2, 64, 32)])
 def test_sparse_prefill_matches_reference(granularity, selection, hq, hkv, d, page):
-    torch.manual_seed(0)
     cfg = XAttnConfig(granularity=granularity, **selection)
-    tq = [a for a, _ in REQS]
-    n = [b for _, b in REQS]
-    cu_q = torch.tensor([0] + torch.tensor(tq).cumsum(0).tolist(), dtype=torch.int32)
-    cu_k = torch.tensor([0] + torch.tensor(n).cumsum(0).tolist(), dtype=torch.int32)
     dev = "cuda"
-    # Peaky attention (like real models) so that selections are really sparse.
-    k = torch.randn(int(cu_k[-1]), hkv, d, device=dev).to(torch.bfloat16)
-    v = torch.randn_like(k)
-    q = (2.0 * torch.randn(int(cu_q[-1]), hq, d, device=dev)).to(torch.bfloat16)
-    kv_cache, bt = make_paged_cache(k, v, cu_k, page, num_pages_extra=5,
-                                    generator=torch.Generator().manual_seed(1))
+    q, k, v, cu_q, cu_k, n, kv_cache, bt = _problem(hq, hkv, d, page)
     step = SparseStep.from_host_plan(
         plan_prefill(cu_q, n, block_size=cfg.block_size, stride=cfg.stride), block_table=bt,
         tok_start=0, tok_end=int(cu_q[-1]), device=dev,
@@ -68,19 +73,6 @@ def test_sparse_prefill_matches_reference(granularity, selection, hq, hkv, d, pa
 
 
 # ----------------------------------------------------------------- FlashInfer executor
-
-
-def _problem(hq, hkv, d, page, reqs=REQS):
-    torch.manual_seed(0)
-    tq, n = [a for a, _ in reqs], [b for _, b in reqs]
-    cu_q = torch.tensor([0] + torch.tensor(tq).cumsum(0).tolist(), dtype=torch.int32)
-    cu_k = torch.tensor([0] + torch.tensor(n).cumsum(0).tolist(), dtype=torch.int32)
-    k = torch.randn(int(cu_k[-1]), hkv, d, device="cuda").to(torch.bfloat16)
-    v = torch.randn_like(k)
-    q = (2.0 * torch.randn(int(cu_q[-1]), hq, d, device="cuda")).to(torch.bfloat16)
-    kv_cache, bt = make_paged_cache(k, v, cu_k, page, num_pages_extra=5,
-                                    generator=torch.Generator().manual_seed(1))
-    return q, k, v, cu_q, cu_k, n, kv_cache, bt
 
 
 @pytest.mark.parametrize("granularity", ["head", "kv_group"])
