@@ -178,9 +178,9 @@ def main():
             ms = do_bench(run, warmup=3, rep=50)
             score_ms = do_bench(scoring, warmup=3, rep=50)
             a = scoring()
-            select_ms = do_bench(lambda: select(a), warmup=3, rep=50)
+            select_ms = do_bench(lambda a=a: select(a), warmup=3, rep=50)
             counts, ids = select(a)
-            lists_ms = do_bench(lambda: make_lists(counts, ids), warmup=3, rep=50)
+            lists_ms = do_bench(lambda c=counts, i=ids: make_lists(c, i), warmup=3, rep=50)
             rec = dict(shape=shape, seq_len=seq_lens[0], batch=len(seq_lens), stride=stride,
                        threshold=args.threshold, inputs="random", ms=ms, scoring_ms=score_ms,
                        dense_fa3_ms=dense_ms, ratio=ms / dense_ms,
