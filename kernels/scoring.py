@@ -146,6 +146,19 @@ def scoring_workspace_numel(plan: XAttnPlan, num_programs: int) -> int:
 
 
 _SM_COUNT: dict[int, int] = {}
+_STAGE_SMEM = 200 * 1024  # of the H100's 227 KB per block, leaving room for the epilogue's reductions
+
+
+def _default_warps(tile_elems: int) -> int:
+    # the float32 accumulator tile at <= 128 registers per thread
+    return 16 if tile_elems > 128 * 256 else 8 if tile_elems >= 128 * 64 else 4
+
+
+def _default_stages(block_m: int, block_n: int, block_d: int, elem_size: int) -> int:
+    """Pipeline depth: 4 (what the default 128 x 256 tile fits), fewer for tiles whose Q and K
+    chunks would not fit shared memory at that depth."""
+    per_stage = (block_m + block_n) * block_d * elem_size
+    return max(2, min(4, _STAGE_SMEM // per_stage))
 
 
 def _default_programs(device: torch.device, n_work: int) -> int:
@@ -211,8 +224,8 @@ def antidiagonal_scores_paged(
     scr_m, scr_p = workspace[:n_m], workspace[n_m:need - 1]
     queue = workspace[need - 1:need].view(torch.int32)
     queue.zero_()
-    kw = {"num_warps": num_warps or (8 if plan.block_m * plan.block_n >= 128 * 64 else 4)}
-    kw["num_stages"] = num_stages or 4
+    kw = {"num_warps": num_warps or _default_warps(plan.block_m * plan.block_n),
+          "num_stages": num_stages or _default_stages(plan.block_m, plan.block_n, block_d, q.element_size())}
     _score_kernel[(nprog,)](
         q, kv_cache, block_table, out, scr_p, scr_m, plan.tiles, plan.req_meta, queue,
         n_work, hq, hq // hkv,

@@ -46,6 +46,7 @@ CPU_CASES = {
     "b64_s16_p16_multi": ([(1, 77), (150, 450), (64, 128)], 4, 1, 16, 64, 16, 16, 16, 16),
     "b128_s4_p16": ([(200, 600), (5, 40)], 2, 1, 32, 128, 4, 16, 32, 32),
     "d48_b64_s32_p16": ([(100, 250), (30, 45)], 2, 1, 48, 64, 32, 16, 16, 16),  # S > page
+    "big_tiles_b64_s4_p16": ([(1100, 1500), (40, 300)], 2, 1, 16, 64, 4, 16, 256, 256),  # the --tune tiles
 }
 GPU_CASES = {
     "gqa_ctx_b128_s8_p16": ([(1000, 3000), (2048, 2048), (77, 5000)], 8, 2, 128, 128, 8, 16, 64, 64),
@@ -53,6 +54,7 @@ GPU_CASES = {
     "d64_b64_s4_p16": ([(3000, 4000)], 4, 4, 64, 64, 4, 16, 64, 64),
     "b64_s32_p32": ([(1500, 2500), (10, 70)], 4, 2, 64, 64, 32, 32, 64, 64),
     "d96_b128_s8_p128": ([(700, 1900)], 4, 2, 96, 128, 8, 128, 128, 64),
+    "big_tiles_b128_s8_p16": ([(5000, 9000), (300, 700)], 8, 2, 128, 128, 8, 16, 256, 256),
 }
 
 
@@ -102,6 +104,20 @@ def ref_scores(p):
 
 
 # --------------------------------------------------------------------------- plan / paged helpers
+
+
+def test_scoring_launch_defaults_fit_shared_memory():
+    """The default tile keeps the 4-stage pipeline it was tuned with; larger --tune tiles get
+    fewer stages (4 would overflow the H100's 227 KB) and 16 warps."""
+    from vllm_xattn.kernels.plan import XAttnPlan
+    from vllm_xattn.kernels.scoring import _STAGE_SMEM, _default_stages, _default_warps
+
+    bm, bn = XAttnPlan.DEFAULT_BLOCK_M, XAttnPlan.DEFAULT_BLOCK_N
+    assert (_default_warps(bm * bn), _default_stages(bm, bn, 64, 2)) == (8, 4)
+    assert (_default_warps(256 * 256), _default_stages(256, 256, 64, 2)) == (16, 3)
+    for m, n, d in [(256, 256, 64), (128, 256, 128), (64, 512, 64), (16, 16, 16)]:
+        st = _default_stages(m, n, d, 2)
+        assert 2 <= st <= 4 and (st == 2 or st * (m + n) * d * 2 <= _STAGE_SMEM)
 
 
 def test_plan_layout():
