@@ -20,7 +20,10 @@ One request with no context and whole blocks (every mini-request 128 query rows)
 ratio selection; outputs of the two orders must be identical (checked), then timed with
 triton.testing.do_bench next to dense FA3. Random inputs make heads' selections nearly
 independent, which understates what real attention (shared sink / local / stripe blocks)
-would share; --threshold adds threshold cases on the same random inputs.
+would share; --threshold adds threshold cases on the same random inputs. --capture DIR runs
+the same comparison on Q/K/V captured from a real model (scripts/capture_qkv.py; every
+--layer-step-th layer, threshold selection at --thresholds or the default), where the heads of
+a group do share blocks.
 """
 from __future__ import annotations
 
@@ -37,7 +40,8 @@ from bench_common import SHAPES, causal_flops, dense_fa3, paged_inputs, write_re
 
 from vllm_xattn.config import XAttnConfig  # noqa: E402
 from vllm_xattn.kernels import (  # noqa: E402
-    antidiagonal_scores_paged, build_page_lists, folded_kv_views, plan_prefill, select_blocks_packed,
+    antidiagonal_scores_paged, build_page_lists, folded_kv_views, make_paged_cache, plan_prefill,
+    select_blocks_packed,
 )
 
 
@@ -51,90 +55,115 @@ def fa3_with_seqused_q(q, k, v, out, cu_seqlens_q, seqused_q, max_seqlen_q, sequ
         softmax_scale, True, -1, -1, 0.0, True, None, 1, None, 0, None, 1, 0, None)
 
 
+def compare_orders(q, kv, bt, cu_q, sl, sels, base_rec):
+    """Records for one set of inputs (one request, whole blocks): each selection in ``sels``
+    run in the three orders, outputs checked identical, each order timed next to dense FA3."""
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    n, hq, d = q.shape
+    hkv = kv.shape[1]
+    G, B = hq // hkv, 128
+    S = XAttnConfig().stride
+    assert n % B == 0
+    dense_ms = do_bench(dense_fa3(q, kv, bt, cu_q, sl), warmup=3, rep=40)
+    dense_fl = causal_flops([n], [n], hq, d)
+    plan = plan_prefill(cu_q, sl, block_size=B, stride=S).to("cuda")
+    a = antidiagonal_scores_paged(q, kv, bt, plan)
+    R = plan.total_q_blocks
+    M = hq * R
+    # head-major query: mini-request m = h * R + r owns rows [m * B, (m + 1) * B)
+    q_hm = q.transpose(0, 1).contiguous().view(M * B, 1, d)
+    # group-interleaved position m' = (hk * R + r) * G + g holds mini-request (hk * G + g) * R + r
+    hk_, r_, g_ = torch.meshgrid(torch.arange(hkv), torch.arange(R), torch.arange(G), indexing="ij")
+    perm = ((hk_ * G + g_) * R + r_).reshape(-1).cuda()
+    q_gi = q_hm.view(M, B, 1, d)[perm].reshape(M * B, 1, d)
+    k_pages, v_pages, _ = folded_kv_views(kv)
+    records = []
+    for sel in sels:
+        cfg = XAttnConfig(**sel)
+        counts, ids = select_blocks_packed(a, plan, mode=cfg.selection, threshold=cfg.threshold,
+                                           ratio=cfg.ratio)
+        lists = build_page_lists(counts, ids, bt, kv, plan)
+        fl = executor_flops(lists, 1, d)
+        orders = {
+            "head-major": (q_hm, lists.page_table, lists.seqused_k, lists.cu_seqlens_q),
+            "group-interleaved": (q_gi, lists.page_table[perm].contiguous(), lists.seqused_k[perm].contiguous(),
+                                  torch.arange(M + 1, device="cuda", dtype=torch.int32) * B),
+        }
+        outs, times = {}, {}
+        try:  # head-major query in place; starts permuted (unsorted), lengths via seqused_q
+            # (the FA3 op library is loaded by the flash_attn_varlen_func import above)
+            total = torch.full((1,), M * B, dtype=torch.int32, device="cuda")  # batch + 1 entries
+            cu_hm = torch.cat([lists.cu_seqlens_q[:-1][perm], total])
+            used_q = torch.full((M,), B, dtype=torch.int32, device="cuda")
+            pt_p, used_p = lists.page_table[perm].contiguous(), lists.seqused_k[perm].contiguous()
+            o_sq = torch.empty_like(q_hm)
+
+            def run_sq():
+                return fa3_with_seqused_q(q_hm, k_pages, v_pages, o_sq, cu_hm, used_q, B, used_p,
+                                          lists.max_seqlen_k, pt_p, d ** -0.5)
+
+            run_sq()
+            outs["group-interleaved-seqused-q"] = o_sq.view(M, B, 1, d)[perm]
+            times["group-interleaved-seqused-q"] = do_bench(run_sq, warmup=3, rep=40)
+        except Exception as e:  # the op's signature or seqused_q support differs
+            print(f"seqused_q variant failed: {type(e).__name__}: {e}", flush=True)
+        for name, (qq, pt, used, cu) in orders.items():
+            o = torch.empty_like(qq)
+
+            def run(qq=qq, pt=pt, used=used, cu=cu, o=o):
+                return flash_attn_varlen_func(
+                    q=qq, k=k_pages, v=v_pages, cu_seqlens_q=cu, max_seqlen_q=B,
+                    seqused_k=used, max_seqlen_k=lists.max_seqlen_k, softmax_scale=d ** -0.5,
+                    causal=True, block_table=pt, fa_version=3, out=o, num_splits=1)
+
+            run()
+            outs[name] = o.view(M, B, 1, d)
+            times[name] = do_bench(run, warmup=3, rep=40)
+        same = bool(torch.equal(outs["group-interleaved"], outs["head-major"][perm]))
+        if "group-interleaved-seqused-q" in outs:  # compared in group-interleaved order
+            same = same and bool(torch.equal(outs["group-interleaved-seqused-q"], outs["group-interleaved"]))
+        density = int(counts.sum()) / (plan.causal_blocks() * hq)
+        rec = dict(**base_rec, seq_len=n, stride=S, **sel, density=density,
+                   identical_outputs=same, dense_fa3_ms=dense_ms, dense_tflops=dense_fl / dense_ms / 1e9,
+                   **{f"{k}_ms": v for k, v in times.items()},
+                   **{f"{k}_share_of_dense_throughput": (fl / v) / (dense_fl / dense_ms) for k, v in times.items()})
+        records.append(rec)
+        print(rec, flush=True)
+    return records
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/executor_order_h100.json")
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.35])
     ap.add_argument("--thresholds", type=float, nargs="*", default=[])
+    ap.add_argument("--capture", help="a scripts/capture_qkv.py folder: real Q/K/V instead of random")
+    ap.add_argument("--layer-step", type=int, default=4, help="with --capture: every n-th layer")
     args = ap.parse_args()
-    from vllm.vllm_flash_attn import flash_attn_varlen_func
-
-    dims = SHAPES["llama-3.1-8b"]
-    hq, hkv, d = dims["num_q_heads"], dims["num_kv_heads"], dims["head_dim"]
-    G, B = hq // hkv, 128
-    S = XAttnConfig().stride
     records = []
-    for n in args.seq_lens:
-        assert n % B == 0
-        q, kv, bt, cu_q, sl = paged_inputs([n], [n], **dims)
-        dense_ms = do_bench(dense_fa3(q, kv, bt, cu_q, sl), warmup=3, rep=40)
-        dense_fl = causal_flops([n], [n], hq, d)
-        plan = plan_prefill(cu_q, sl, block_size=B, stride=S).to("cuda")
-        a = antidiagonal_scores_paged(q, kv, bt, plan)
-        R = plan.total_q_blocks
-        M = hq * R
-        # head-major query: mini-request m = h * R + r owns rows [m * B, (m + 1) * B)
-        q_hm = q.transpose(0, 1).contiguous().view(M * B, 1, d)
-        # group-interleaved position m' = (hk * R + r) * G + g holds mini-request (hk * G + g) * R + r
-        hk_, r_, g_ = torch.meshgrid(torch.arange(hkv), torch.arange(R), torch.arange(G), indexing="ij")
-        perm = ((hk_ * G + g_) * R + r_).reshape(-1).cuda()
-        q_gi = q_hm.view(M, B, 1, d)[perm].reshape(M * B, 1, d)
-        k_pages, v_pages, _ = folded_kv_views(kv)
-        sels = [dict(selection="ratio", ratio=x) for x in args.ratios]
-        sels += [dict(threshold=t) for t in args.thresholds]
-        for sel in sels:
-            cfg = XAttnConfig(**sel)
-            counts, ids = select_blocks_packed(a, plan, mode=cfg.selection, threshold=cfg.threshold,
-                                                      ratio=cfg.ratio)
-            lists = build_page_lists(counts, ids, bt, kv, plan)
-            fl = executor_flops(lists, 1, d)
-            orders = {
-                "head-major": (q_hm, lists.page_table, lists.seqused_k, lists.cu_seqlens_q),
-                "group-interleaved": (q_gi, lists.page_table[perm].contiguous(), lists.seqused_k[perm].contiguous(),
-                                      torch.arange(M + 1, device="cuda", dtype=torch.int32) * B),
-            }
-            outs, times = {}, {}
-            try:  # head-major query in place; starts permuted (unsorted), lengths via seqused_q
-                # (the FA3 op library is loaded by the flash_attn_varlen_func import above)
-                total = torch.full((1,), M * B, dtype=torch.int32, device="cuda")  # batch + 1 entries
-                cu_hm = torch.cat([lists.cu_seqlens_q[:-1][perm], total])
-                used_q = torch.full((M,), B, dtype=torch.int32, device="cuda")
-                pt_p, used_p = lists.page_table[perm].contiguous(), lists.seqused_k[perm].contiguous()
-                o_sq = torch.empty_like(q_hm)
-
-                def run_sq():
-                    return fa3_with_seqused_q(q_hm, k_pages, v_pages, o_sq, cu_hm, used_q, B, used_p,
-                                              lists.max_seqlen_k, pt_p, d ** -0.5)
-
-                run_sq()
-                outs["group-interleaved-seqused-q"] = o_sq.view(M, B, 1, d)[perm]
-                times["group-interleaved-seqused-q"] = do_bench(run_sq, warmup=3, rep=40)
-            except Exception as e:  # the op's signature or seqused_q support differs
-                print(f"seqused_q variant failed: {type(e).__name__}: {e}", flush=True)
-            for name, (qq, pt, used, cu) in orders.items():
-                o = torch.empty_like(qq)
-
-                def run(qq=qq, pt=pt, used=used, cu=cu, o=o):
-                    return flash_attn_varlen_func(
-                        q=qq, k=k_pages, v=v_pages, cu_seqlens_q=cu, max_seqlen_q=B,
-                        seqused_k=used, max_seqlen_k=lists.max_seqlen_k, softmax_scale=d ** -0.5,
-                        causal=True, block_table=pt, fa_version=3, out=o, num_splits=1)
-
-                run()
-                outs[name] = o.view(M, B, 1, d)
-                times[name] = do_bench(run, warmup=3, rep=40)
-            same = bool(torch.equal(outs["group-interleaved"], outs["head-major"][perm]))
-            if "group-interleaved-seqused-q" in outs:  # compared in group-interleaved order
-                same = same and bool(torch.equal(outs["group-interleaved-seqused-q"], outs["group-interleaved"]))
-            density = int(counts.sum()) / (plan.causal_blocks() * hq)
-            rec = dict(shape="llama-3.1-8b", seq_len=n, stride=S, **sel, density=density,
-                       identical_outputs=same, dense_fa3_ms=dense_ms, dense_tflops=dense_fl / dense_ms / 1e9,
-                       **{f"{k}_ms": v for k, v in times.items()},
-                       **{f"{k}_share_of_dense_throughput": (fl / v) / (dense_fl / dense_ms) for k, v in times.items()})
-            records.append(rec)
-            print(rec, flush=True)
-        torch.cuda.empty_cache()
+    if args.capture:
+        sels = [dict(threshold=t) for t in args.thresholds] or [{}]  # default: the config's threshold
+        for path in sorted(Path(args.capture).glob("layer_*.pt"))[:: args.layer_step]:
+            cap = torch.load(path)
+            q, k, v = (cap[x].cuda() for x in ("q", "k", "v"))
+            n = q.shape[0] // 128 * 128  # whole blocks
+            q, k, v = q[:n], k[:n], v[:n]
+            cu = torch.tensor([0, n], dtype=torch.int32)
+            kv, bt = make_paged_cache(k, v, cu, 16, generator=torch.Generator().manual_seed(0))
+            records += compare_orders(q, kv, bt, cu, torch.tensor([n], dtype=torch.int32), sels,
+                                      dict(inputs=f"captured {path.name}", num_q_heads=q.shape[1],
+                                           num_kv_heads=k.shape[1], head_dim=q.shape[2]))
+            torch.cuda.empty_cache()
+    else:
+        dims = SHAPES["llama-3.1-8b"]
+        sels = [dict(selection="ratio", ratio=x) for x in args.ratios] + [dict(threshold=t) for t in args.thresholds]
+        for n in args.seq_lens:
+            q, kv, bt, cu_q, sl = paged_inputs([n], [n], **dims)
+            records += compare_orders(q, kv, bt, cu_q, sl, sels, dict(shape="llama-3.1-8b", inputs="random"))
+            del q, kv
+            torch.cuda.empty_cache()
     write_records(Path(args.out), records, "python scripts/bench_executor_order.py " + " ".join(sys.argv[1:]))
 
 
