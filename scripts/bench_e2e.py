@@ -171,12 +171,26 @@ def save(out: Path, results: dict, name: str, measured: dict) -> list[dict]:
     return records
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    """--model (real weights) or --llama8b-dummy (+ --tokenizer-from)."""
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="HF model folder (real weights)")
     src.add_argument("--llama8b-dummy", help="folder to write the Llama-8B-shaped dummy model to")
     ap.add_argument("--tokenizer-from", help="with --llama8b-dummy: HF folder whose tokenizer to copy")
+
+
+def resolve_model(args) -> tuple[str, str, list[str]]:
+    """(model folder to serve, its name in the records, the `vllm serve` arguments it needs)
+    from the ``add_model_args`` arguments; writes the dummy model's folder."""
+    if args.llama8b_dummy is None:
+        return args.model, Path(args.model).name, []
+    model = write_llama8b_dummy(Path(args.llama8b_dummy), Path(args.tokenizer_from))
+    return str(model), "llama-3.1-8b-dummy", ["--load-format", "dummy"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    add_model_args(ap)
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192, 16384, 32768])
     ap.add_argument("--settings", nargs="+", default=["dense", "{}"])
     ap.add_argument("--prompts-per-length", type=int, default=2)
@@ -196,10 +210,7 @@ def main():
                          "commit and date it was measured at)")
     args = ap.parse_args()
 
-    dummy = args.llama8b_dummy is not None
-    model = str(write_llama8b_dummy(Path(args.llama8b_dummy), Path(args.tokenizer_from))) \
-        if dummy else args.model
-    name = "llama-3.1-8b-dummy" if dummy else Path(model).name
+    model, name, model_args = resolve_model(args)
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     state_path = log_dir / f"measured-{name}.json"
@@ -211,9 +222,7 @@ def main():
         if setting in measured:
             continue
         server = ["--max-model-len", str(max(args.lengths) + 512), "--gpu-memory-utilization", "0.9",
-                  "--no-enable-prefix-caching"]
-        if dummy:
-            server += ["--load-format", "dummy"]
+                  "--no-enable-prefix-caching", *model_args]
         server += backend_args(None if setting == "dense" else json.loads(setting))
         # Through JSON so that fresh and resumed results both key lengths by str.
         measured[setting] = json.loads(json.dumps(measure_setting(model, setting, server, args, log_dir)))

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import write_records  # noqa: E402
-from bench_e2e import bench_serve, write_llama8b_dummy  # noqa: E402
+from bench_e2e import add_model_args, bench_serve, resolve_model  # noqa: E402
 from serve_util import backend_args, vllm_server  # noqa: E402
 
 
@@ -38,10 +38,7 @@ def paired_summary(rounds: list[dict[str, float]]) -> dict:
 
 def main():
     ap = argparse.ArgumentParser()
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="HF model folder (real weights)")
-    src.add_argument("--llama8b-dummy", help="folder to write the Llama-8B-shaped dummy model to")
-    ap.add_argument("--tokenizer-from", help="with --llama8b-dummy: HF folder whose tokenizer to copy")
+    add_model_args(ap)
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192])
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--prompts", type=int, default=10, help="prompts per server, length and round")
@@ -51,15 +48,11 @@ def main():
     ap.add_argument("--log-dir", default="/tmp/bench_short")
     args = ap.parse_args()
 
-    dummy = args.llama8b_dummy is not None
-    model = str(write_llama8b_dummy(Path(args.llama8b_dummy), Path(args.tokenizer_from))) \
-        if dummy else args.model
+    model, name, model_args = resolve_model(args)
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     common = ["--max-model-len", str(max(args.lengths) + 512), "--no-enable-prefix-caching",
-              "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
-    if dummy:
-        common += ["--load-format", "dummy"]
+              "--gpu-memory-utilization", str(args.gpu_memory_utilization), *model_args]
     servers = {"dense": backend_args(None), "xattn": backend_args(json.loads(args.xattn))}
     t0 = time.time()
     urls = {}
@@ -80,7 +73,7 @@ def main():
                        for name in order}
                 per_round[n].append(got)
                 print(f"round {r} {n}: dense {got['dense']:.1f} ms, xattn {got['xattn']:.1f} ms", flush=True)
-    records = [dict(model=Path(model).name if not dummy else "llama-3.1-8b-dummy", prompt_len=n,
+    records = [dict(model=name, prompt_len=n,
                     xattn=json.loads(args.xattn), prompts_per_round=args.prompts,
                     per_round=per_round[n], **paired_summary(per_round[n])) for n in args.lengths]
     write_records(Path(args.out), records, "python scripts/bench_short_prompts.py " + " ".join(sys.argv[1:]))

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from bench_e2e import to_records  # noqa: E402
+from bench_e2e import add_model_args, resolve_model, to_records  # noqa: E402
 
 
 def _m(ttft, density):
@@ -70,3 +70,12 @@ def test_density_is_null_when_the_server_ran_without_the_log():
     assert recs[("dense", 4096)]["density"] == 1.0
     assert recs[(ratio, 4096)]["density"] is None and recs[(ratio, 131072)]["density"] is None
     assert recs[(ratio, 131072)]["density_logged"] is False
+
+
+def test_model_args_real_weights_need_no_extra_server_args(tmp_path):
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    add_model_args(ap)
+    assert resolve_model(ap.parse_args(["--model", str(tmp_path / "qwen05")])) == (
+        str(tmp_path / "qwen05"), "qwen05", [])
