@@ -1,5 +1,5 @@
 """Does the order of the FA3 executor's mini-requests matter? Same selection, same page lists,
-two orders, same run (H100):
+several orders, same run (H100):
 
 - ``head-major`` (what XATTN runs): all query blocks of head 0, then head 1, ... Heads of one
   KV group run far apart in time, so a KV block that several of them selected is read from
@@ -13,11 +13,15 @@ two orders, same run (H100):
   ``seqused_q``; this calls its FA3 op directly (argument order of vllm 0.26.0's
   ``flash_attn_interface.py``). If that works and is faster, the backend only has to permute
   per-step metadata and the page-table rows.
+- ``head-major-blocks-descending`` and ``longest-first`` (the same seqused_q trick): FA3's
+  varlen scheduler hands out tiles in batch order, so head-major runs each head's longest
+  mini-requests (last query blocks) last and the final wave can leave SMs idle; these two
+  put long mini-requests first (per head, or globally by key count).
 
     python scripts/bench_executor_order.py --out benchmarks/results/executor_order_h100.json
 
 One request with no context and whole blocks (every mini-request 128 query rows), per-query-head
-ratio selection; outputs of the two orders must be identical (checked), then timed with
+ratio selection; outputs of all orders must be identical (checked), then timed with
 triton.testing.do_bench next to dense FA3. Random inputs make heads' selections nearly
 independent, which understates what real attention (shared sink / local / stripe blocks)
 would share; --threshold adds threshold cases on the same random inputs. --capture DIR runs
@@ -53,6 +57,26 @@ def fa3_with_seqused_q(q, k, v, out, cu_seqlens_q, seqused_q, max_seqlen_q, sequ
         q, k, v, None, None, None, out, cu_seqlens_q, None, None, seqused_q, seqused_k,
         max_seqlen_q, max_seqlen_k, block_table, None, None, None, None, None, None, None, None,
         softmax_scale, True, -1, -1, 0.0, True, None, 1, None, 0, None, 1, 0, None)
+
+
+def run_in_order(q_hm, k_pages, v_pages, lists, order, B, d, times, name):
+    """Runs the head-major mini-requests in ``order`` (FA3 takes each start from
+    ``cu_seqlens_q`` and its length from ``seqused_q``, so starts need not be sorted), times it
+    into ``times[name]`` and returns the output (head-major rows)."""
+    M = order.numel()
+    total = torch.full((1,), M * B, dtype=torch.int32, device="cuda")  # batch + 1 entries
+    cu = torch.cat([lists.cu_seqlens_q[:-1][order], total])
+    used_q = torch.full((M,), B, dtype=torch.int32, device="cuda")
+    pt, used_k = lists.page_table[order].contiguous(), lists.seqused_k[order].contiguous()
+    out = torch.empty_like(q_hm)
+
+    def run():
+        return fa3_with_seqused_q(q_hm, k_pages, v_pages, out, cu, used_q, B, used_k,
+                                  lists.max_seqlen_k, pt, d ** -0.5)
+
+    run()
+    times[name] = do_bench(run, warmup=3, rep=40)
+    return out
 
 
 def compare_orders(q, kv, bt, cu_q, sl, sels, base_rec):
@@ -91,23 +115,18 @@ def compare_orders(q, kv, bt, cu_q, sl, sels, base_rec):
                                   torch.arange(M + 1, device="cuda", dtype=torch.int32) * B),
         }
         outs, times = {}, {}
-        try:  # head-major query in place; starts permuted (unsorted), lengths via seqused_q
-            # (the FA3 op library is loaded by the flash_attn_varlen_func import above)
-            total = torch.full((1,), M * B, dtype=torch.int32, device="cuda")  # batch + 1 entries
-            cu_hm = torch.cat([lists.cu_seqlens_q[:-1][perm], total])
-            used_q = torch.full((M,), B, dtype=torch.int32, device="cuda")
-            pt_p, used_p = lists.page_table[perm].contiguous(), lists.seqused_k[perm].contiguous()
-            o_sq = torch.empty_like(q_hm)
-
-            def run_sq():
-                return fa3_with_seqused_q(q_hm, k_pages, v_pages, o_sq, cu_hm, used_q, B, used_p,
-                                          lists.max_seqlen_k, pt_p, d ** -0.5)
-
-            run_sq()
-            outs["group-interleaved-seqused-q"] = o_sq.view(M, B, 1, d)[perm]
-            times["group-interleaved-seqused-q"] = do_bench(run_sq, warmup=3, rep=40)
-        except Exception as e:  # the op's signature or seqused_q support differs
-            print(f"seqused_q variant failed: {type(e).__name__}: {e}", flush=True)
+        # Execution orders over the head-major query left in place (starts unsorted, lengths
+        # via seqused_q); outputs are compared in head-major order.
+        qb_desc = (torch.arange(M, device="cuda").view(hq, R).flip(1)).reshape(-1)
+        longest = torch.sort(lists.seqused_k.long(), descending=True, stable=True).indices
+        for name, order in (("group-interleaved-seqused-q", perm),
+                            ("head-major-blocks-descending", qb_desc),
+                            ("longest-first", longest)):
+            try:
+                o_hm = run_in_order(q_hm, k_pages, v_pages, lists, order, B, d, times, name)
+                outs[name] = o_hm.view(M, B, 1, d)
+            except Exception as e:  # the op's signature or seqused_q support differs
+                print(f"{name} failed: {type(e).__name__}: {e}", flush=True)
         for name, (qq, pt, used, cu) in orders.items():
             o = torch.empty_like(qq)
 
@@ -121,8 +140,8 @@ def compare_orders(q, kv, bt, cu_q, sl, sels, base_rec):
             outs[name] = o.view(M, B, 1, d)
             times[name] = do_bench(run, warmup=3, rep=40)
         same = bool(torch.equal(outs["group-interleaved"], outs["head-major"][perm]))
-        if "group-interleaved-seqused-q" in outs:  # compared in group-interleaved order
-            same = same and bool(torch.equal(outs["group-interleaved-seqused-q"], outs["group-interleaved"]))
+        same = same and all(torch.equal(o, outs["head-major"]) for k, o in outs.items()
+                            if k not in ("head-major", "group-interleaved"))
         density = int(counts.sum()) / (plan.causal_blocks() * hq)
         rec = dict(**base_rec, seq_len=n, stride=S, **sel, density=density,
                    identical_outputs=same, dense_fa3_ms=dense_ms, dense_tflops=dense_fl / dense_ms / 1e9,
