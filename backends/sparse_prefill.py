@@ -195,19 +195,18 @@ class SparsePrefill:
         T = q.shape[0]
         pool.check_fits(plan, T, self.hq, self.d)
         scores = pool.scores[:, : plan.total_q_blocks, : plan.max_kb]
-        # Mini-requests are contiguous rows of a head-major query: (heads * T, group, D); the
-        # scoring kernel writes that copy as it reads the query.
-        group = self.hq // self.hkv if cfg.granularity == "kv_group" else 1
-        heads = self.hq // group
-        q_hm = pool.q[: T * self.hq * self.d].view(heads, T, group, self.d)
         a = antidiagonal_scores_paged(q, kv_cache, step.block_table, plan, out=scores,
-                                      workspace=pool.workspace, num_programs=pool.num_programs,
-                                      q_head_major=q_hm)
+                                      workspace=pool.workspace, num_programs=pool.num_programs)
         counts, ids = select_blocks_packed(
             a, plan, mode=cfg.selection,
             threshold=self._tau(q.device),
             topk=cfg.topk, ratio=cfg.ratio, granularity=cfg.granularity,
             num_kv_heads=self.hkv)
+        # Mini-requests are contiguous rows of a head-major query: (heads * T, group, D).
+        group = self.hq // self.hkv if cfg.granularity == "kv_group" else 1
+        heads = self.hq // group
+        q_hm = pool.q[: T * self.hq * self.d].view(heads, T, group, self.d)
+        copy_tokens_heads(q_hm.transpose(0, 1), q.reshape(T, heads, group, self.d))
         o_hm = pool.out[: T * self.hq * self.d].view(heads, T, group, self.d)
         step.executor.run(q_hm.view(heads * T, group, self.d), o_hm.view(heads * T, group, self.d),
                           counts, ids, kv_cache, step, pool, granularity=cfg.granularity,

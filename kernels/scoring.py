@@ -29,17 +29,15 @@ _LOG2E = 1.4426950408889634
 # never triggers a recompile mid-serving.
 @triton.jit(do_not_specialize=["n_work", "max_kt"])
 def _score_kernel(
-    q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_ptr, queue_ptr, qhm_ptr,
-    n_work, num_q_heads, group, hm_group,
+    q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_ptr, queue_ptr,
+    n_work, num_q_heads, group,
     s_qt, s_qh, s_qd,
-    s_hh, s_ht, s_hg,
     s_kp, s_kh, s_kn, s_kd,
     s_bt,
     s_ah, s_ar,
     max_kt, qk_scale,
     S: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, B: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-    COPY_Q: tl.constexpr,
 ):
     BPS: tl.constexpr = B // S  # super-tokens per block
     NB_T: tl.constexpr = BLOCK_N // BPS  # key blocks per key tile
@@ -76,8 +74,6 @@ def _score_kernel(
         q_base = q_ptr + h.to(tl.int64) * s_qh
         k_base = kv_ptr + hk.to(tl.int64) * s_kh
         bt_row = bt_ptr + r.to(tl.int64) * s_bt
-        # Head-major copy of this head's query rows (COPY_Q): (selection head, token, in group).
-        hm_base = qhm_ptr + (h // hm_group).to(tl.int64) * s_hh + (h % hm_group).to(tl.int64) * s_hg
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -97,10 +93,6 @@ def _score_kernel(
                 qpos = rows * S + (S - 1 - t)
                 qmask = (qpos >= ctx) & (qpos < n)  # context rows and the tail are zeros
                 q = tl.load(q_rows[:, None] - t * s_qt + d[None, :] * s_qd, mask=qmask[:, None], other=0.0)
-                if COPY_Q:
-                    if kt == 0:  # the first key tile loads every query row of the work item once
-                        tok = (q_start + qpos - ctx).to(tl.int64)
-                        tl.store(hm_base + tok[:, None] * s_ht + d[None, :], q, mask=qmask[:, None])
                 kpos = cols * S + t
                 kmask = kpos < n
                 if PAGE % S == 0:
@@ -190,7 +182,6 @@ def antidiagonal_scores_paged(
     num_warps: int | None = None,
     num_stages: int | None = None,
     block_d: int | None = None,
-    q_head_major: Tensor | None = None,
 ) -> Tensor:
     """Block masses A, packed: float32 [Hq, plan.total_q_blocks, plan.max_kb].
 
@@ -201,9 +192,6 @@ def antidiagonal_scores_paged(
     columns j > i (and beyond the request's key blocks) are 0. No host synchronisation.
     num_programs: persistent grid size (default 2 x SMs). workspace: optional preallocated
     float32 scratch of ``scoring_workspace_numel(plan, num_programs)`` elements.
-    q_head_major: optional ``(heads, T, group, D)`` view (``heads * group = Hq``, last dim
-    contiguous) that receives a copy of ``q``, the executors' head-major layout: the kernel
-    loads every query row anyway, so the copy costs a store instead of a separate pass over q.
     """
     T, hq, d = q.shape
     num_pages, hkv, page, two_d = kv_cache.shape
@@ -221,15 +209,6 @@ def antidiagonal_scores_paged(
         raise ValueError(f"head_dim {d} must be a multiple of 16")
     if block_table.stride(1) != 1:
         raise ValueError("block_table rows must be contiguous")
-    if q_head_major is not None:
-        heads, t_hm, hm_group, d_hm = q_head_major.shape
-        if (heads * hm_group, t_hm, d_hm) != (hq, T, d) or q_head_major.stride(3) != 1 \
-                or q_head_major.dtype != q.dtype:
-            raise ValueError(f"q_head_major must be a (heads, {T}, group, {d}) {q.dtype} view with "
-                             f"heads * group = {hq}, got {tuple(q_head_major.shape)} {q_head_major.dtype}")
-        hm_strides = q_head_major.stride()[:3]
-    else:
-        hm_group, hm_strides = 1, (0, 0, 0)
     n_work = plan.num_tiles * hq
     nprog = num_programs or _default_programs(q.device, n_work)
     if out is None:
@@ -249,10 +228,8 @@ def antidiagonal_scores_paged(
           "num_stages": num_stages or _default_stages(plan.block_m, plan.block_n, block_d, q.element_size())}
     _score_kernel[(nprog,)](
         q, kv_cache, block_table, out, scr_p, scr_m, plan.tiles, plan.req_meta, queue,
-        q if q_head_major is None else q_head_major,
-        n_work, hq, hq // hkv, hm_group,
+        n_work, hq, hq // hkv,
         q.stride(0), q.stride(1), q.stride(2),
-        *hm_strides,
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_table.stride(0),
         out.stride(0), out.stride(1),
@@ -261,7 +238,6 @@ def antidiagonal_scores_paged(
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=os.environ.get("TRITON_INTERPRET") == "1" and q.dtype == torch.bfloat16,
-        COPY_Q=q_head_major is not None,
         **kw,
     )
     return out

@@ -39,8 +39,8 @@ def pipeline(q, kv_cache, block_table, plan, *, threshold, hkv, tiles=None):
     page_table = torch.empty(hq * plan.total_q_blocks, plan.max_kb * (plan.block_size // kv_cache.shape[2]),
                              dtype=torch.int32, device=q.device)
 
-    def scoring(**extra):
-        return antidiagonal_scores_paged(q, kv_cache, block_table, plan, **kw, **extra)
+    def scoring():
+        return antidiagonal_scores_paged(q, kv_cache, block_table, plan, **kw)
 
     def select(a):
         return select_blocks_packed(a, plan, threshold=tau)
@@ -182,10 +182,6 @@ def main():
             density = counts.sum().item() / cand
             ms = do_bench(run, warmup=3, rep=50)
             score_ms = do_bench(scoring, warmup=3, rep=50)
-            # Serving also has the kernel write the executors' head-major query copy.
-            q_hm = torch.empty(q.shape[1], q.shape[0], 1, q.shape[2], dtype=q.dtype, device=q.device)
-            score_copy_ms = do_bench(lambda h=q_hm: scoring(q_head_major=h), warmup=3, rep=50)
-            del q_hm
             a = scoring()
             select_ms = do_bench(lambda a=a: select(a), warmup=3, rep=50)
             counts, ids = select(a)
@@ -194,7 +190,6 @@ def main():
                        threshold=args.threshold, inputs="random", ms=ms, scoring_ms=score_ms,
                        dense_fa3_ms=dense_ms, ratio=ms / dense_ms,
                        scoring_ratio=score_ms / dense_ms, selection_ms=select_ms,
-                       scoring_with_q_copy_ms=score_copy_ms,
                        page_lists_ms=lists_ms, density=density, plan_host_ms=plan_ms,
                        tiles=dict(block_m=plan.block_m, block_n=plan.block_n, **launch), **dims)
             records.append(rec)

@@ -181,29 +181,6 @@ def test_scores_strided_inputs(device):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("group", [1, 2])
-@pytest.mark.parametrize("device", DEVICES)
-def test_scoring_writes_head_major_query(device, group):
-    """q_head_major: the scores are unchanged and the view receives exactly q in the
-    executors' (heads, T, group, D) layout, every row (several requests, context before the
-    queries, partial blocks, a strided bf16 query); nothing outside it is written."""
-    case = CPU_CASES["gqa_ctx_b64_s4_p16"] if device == "cpu" else GPU_CASES["gqa_ctx_b128_s8_p16"]
-    p = make_problem(case, device, seed=5, dtype=torch.bfloat16, qscale=1.0)
-    T, hq, d = p["q"].shape
-    fused = torch.zeros(T, hq + 2 * p["hkv"], d, dtype=torch.bfloat16)
-    fused[:, :hq] = p["q"]
-    q_view = fused.to(device)[:, :hq]
-    heads = hq // group
-    buf = torch.full((heads * T * group * d + 7,), -3.0, dtype=torch.bfloat16, device=device)
-    hm = buf[: heads * T * group * d].view(heads, T, group, d)
-    A = antidiagonal_scores_paged(q_view, p["kv"], p["bt"], p["plan"], q_head_major=hm)
-    assert torch.equal(A, kernel_scores(p, q_view))
-    assert torch.equal(hm, p["q"].to(device).view(T, heads, group, d).transpose(0, 1))
-    assert bool((buf[heads * T * group * d:] == -3.0).all())
-    with pytest.raises(ValueError, match="q_head_major"):
-        antidiagonal_scores_paged(q_view, p["kv"], p["bt"], p["plan"], q_head_major=hm[:, 1:])
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("device", DEVICES)
 def test_scores_half_inputs(device, dtype):
