@@ -94,9 +94,13 @@ class SparseStep:
     block_table: torch.Tensor  # [R_sparse, max_pages] rows of the sparse requests
     tok_start: int  # their query rows in the batch: [tok_start, tok_end)
     tok_end: int
-    # Query offsets of the executor's mini-requests (head-major), per selection granularity;
-    # derived from the plan once per step instead of in every layer.
+    # The executor's mini-requests over the head-major query, per selection granularity,
+    # derived from the plan once per step instead of in every layer: query offsets, and for an
+    # order other than the layout's, each packed row's position and the query lengths
+    # (``build_page_lists``).
     mini_cu_seqlens_q: torch.Tensor | None = None
+    mini_row_pos: torch.Tensor | None = None
+    mini_seqused_q: torch.Tensor | None = None
     # Causal (query block, key block) pairs per head: the denominator of the density.
     candidate_blocks: int = 0
     executor: object = FA3  # None: no executor available (no layer runs sparse)
@@ -107,12 +111,13 @@ class SparseStep:
                        selection_heads: int, device, executor=FA3) -> "SparseStep":
         """``plan`` on the host; ``executor`` plans its own part here, once per step (for
         FlashInfer the expensive host ``plan()``), never per layer."""
-        cu = plan.mini_cu_seqlens_q(selection_heads).to(device, non_blocking=True)
+        order = (executor or FA3).mini_order(plan, selection_heads=selection_heads)
+        row_pos, cu, used_q = (None if x is None else x.to(device, non_blocking=True) for x in order)
         ex_step = (executor.plan_step(plan, selection_heads=selection_heads, device=device)
                    if executor is not None else None)
         return cls(plan=plan.to(device), block_table=block_table, tok_start=tok_start,
-                   tok_end=tok_end, mini_cu_seqlens_q=cu, executor=executor, executor_step=ex_step,
-                   candidate_blocks=plan.causal_blocks())
+                   tok_end=tok_end, mini_cu_seqlens_q=cu, mini_row_pos=row_pos, mini_seqused_q=used_q,
+                   executor=executor, executor_step=ex_step, candidate_blocks=plan.causal_blocks())
 
 
 class ScratchPool:

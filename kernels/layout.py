@@ -45,9 +45,12 @@ def copy_tokens_heads(dst: Tensor, src: Tensor) -> Tensor:
     if T == 0:
         return dst
     block_c = triton.next_power_of_2(group * d)
-    block_t = max(1, min(64, 8192 // block_c, triton.next_power_of_2(T)))
+    # 2048 elements and 2 warps per program: 0.74 ms (2.9 TB/s) for the Llama layer's output at
+    # 128K on the H100, vs 0.86 ms with 8192 / 4 warps; tiles of >= 16K elements collapsed to
+    # 0.2-0.5 TB/s (benchmarks/results/logs/copy_tune_h100.log).
+    block_t = max(1, min(64, 2048 // block_c, triton.next_power_of_2(T)))
     _copy_tokens_heads_kernel[(triton.cdiv(T, block_t), heads)](
         src, dst, T, *src.stride(), *dst.stride(),
-        GD=group * d, D=d, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=4,
+        GD=group * d, D=d, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=2,
     )
     return dst

@@ -34,6 +34,9 @@ class PageLists:
     cu_seqlens_q: Tensor  # int32 [M + 1], query laid out (Hs * T, G, D) head-major (plan.query_index)
     max_seqlen_q: int
     max_seqlen_k: int
+    # int32 [M] query rows per mini-request when the order is not the layout's
+    # (plan.mini_requests_longest_first): cu_seqlens_q then holds unsorted starts.
+    seqused_q: Tensor | None = None
 
 
 @dataclass
@@ -47,9 +50,10 @@ class PageCSR:
 @triton.jit(do_not_specialize=["tqb", "h_first", "s_ch", "s_ih", "s_ir"])
 def _page_list_kernel(
     cnt_ptr, ids_ptr, bt_ptr, row_req_ptr, row_last_len_ptr, req_ptr, pt_ptr, sk_ptr, indptr_ptr,
-    tqb, spp, head_div, h_first,
+    row_pos_ptr, tqb, spp, head_div, h_first,
     s_ch, s_ih, s_ir, s_bt, s_pt,
     B: tl.constexpr, PAGE: tl.constexpr, BLOCK_S: tl.constexpr, CSR: tl.constexpr,
+    PERMUTE: tl.constexpr,
 ):
     PPB: tl.constexpr = B // PAGE  # pages per block
     row = tl.program_id(0)
@@ -59,7 +63,10 @@ def _page_list_kernel(
     r = tl.load(row_req_ptr + row)
     n = tl.load(req_ptr + 5 * r + 2)
     h_kv = hs // head_div
-    m = hl.to(tl.int64) * tqb + row
+    if PERMUTE:  # the row's position within its head's mini-requests
+        m = hl.to(tl.int64) * tqb + tl.load(row_pos_ptr + row)
+    else:
+        m = hl.to(tl.int64) * tqb + row
     n_pages = (n + PAGE - 1) // PAGE
     offs_s = tl.arange(0, BLOCK_S)
     offs_p = tl.arange(0, PPB)
@@ -120,6 +127,8 @@ def build_page_lists(
     heads: tuple[int, int] | None = None,
     page_table: Tensor | None = None,
     cu_seqlens_q: Tensor | None = None,
+    row_pos: Tensor | None = None,
+    seqused_q: Tensor | None = None,
 ) -> PageLists:
     """counts [Hq, TQB] / ids [Hq, TQB, max_kb] from ``select_blocks_packed`` (for
     "kv_group" the group's repeated rows are read once), block_table int32 [R, max_pages] of
@@ -134,9 +143,14 @@ def build_page_lists(
     ``cu_seqlens_q``: the mini-requests' query offsets for all heads, precomputed once per
     step (``plan.mini_cu_seqlens_q`` on the host plan, copied to the device); saves the small
     device ops that derive it here in every layer.
+    ``row_pos`` / ``seqused_q`` (with ``cu_seqlens_q``, all heads): another mini-request order,
+    from ``plan.mini_requests_longest_first`` (device copies): the row of packed row r and head
+    h is ``h * TQB + row_pos[r]``.
     """
     sel = _Selection(counts, ids, block_table, kv_cache, plan, granularity, num_kv_heads, heads)
     counts, ids, tqb, max_kb, ppb = sel.counts, sel.ids, sel.tqb, sel.max_kb, sel.ppb
+    if row_pos is not None and (seqused_q is None or cu_seqlens_q is None or heads is not None):
+        raise ValueError("row_pos needs seqused_q and cu_seqlens_q, for all heads")
     dev = ids.device
     nh = sel.h1 - sel.h0
     m = nh * tqb
@@ -149,13 +163,14 @@ def build_page_lists(
     seqused_k = torch.empty(m, dtype=torch.int32, device=dev)
     _page_list_kernel[(tqb, nh)](
         counts, ids, block_table, plan.row_request, plan.row_last_len, plan.req_meta, page_table, seqused_k,
-        seqused_k, tqb, sel.spp, sel.head_div, sel.h0,
+        seqused_k, seqused_k if row_pos is None else row_pos, tqb, sel.spp, sel.head_div, sel.h0,
         counts.stride(0), ids.stride(0), ids.stride(1), block_table.stride(0), page_table.stride(0),
-        B=plan.block_size, PAGE=sel.page, BLOCK_S=64, CSR=False, num_warps=1,
+        B=plan.block_size, PAGE=sel.page, BLOCK_S=64, CSR=False, PERMUTE=row_pos is not None, num_warps=1,
     )
     B = plan.block_size
     if cu_seqlens_q is not None and heads is None:
-        return PageLists(page_table, seqused_k, cu_seqlens_q, max_seqlen_q=B, max_seqlen_k=max_kb * B)
+        return PageLists(page_table, seqused_k, cu_seqlens_q, max_seqlen_q=B, max_seqlen_k=max_kb * B,
+                         seqused_q=seqused_q if row_pos is not None else None)
     # Mini-request query rows: head-major copies of the plan's block rows (device math, no sync).
     rs = plan.row_q_start
     t = plan.num_q_tokens
@@ -206,9 +221,9 @@ def build_page_csr(
     )
     _page_list_kernel[(sel.tqb, nh)](
         sel.counts, sel.ids, block_table, plan.row_request, plan.row_last_len, plan.req_meta, indices,
-        last_page_len, indptr, sel.tqb, sel.spp, sel.head_div, sel.h0,
+        last_page_len, indptr, indptr, sel.tqb, sel.spp, sel.head_div, sel.h0,
         sel.counts.stride(0), sel.ids.stride(0), sel.ids.stride(1), block_table.stride(0), 0,
-        B=plan.block_size, PAGE=sel.page, BLOCK_S=64, CSR=True, num_warps=1,
+        B=plan.block_size, PAGE=sel.page, BLOCK_S=64, CSR=True, PERMUTE=False, num_warps=1,
     )
     return PageCSR(indptr, indices, last_page_len)
 

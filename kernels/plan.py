@@ -74,6 +74,26 @@ class XAttnPlan:
         cu = (torch.arange(num_heads)[:, None] * t + rs[None, :-1]).reshape(-1)
         return torch.cat([cu, torch.tensor([num_heads * t])]).to(torch.int32)
 
+    def mini_requests_longest_first(self, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The same mini-requests and head-major query as ``mini_cu_seqlens_q``, ordered per
+        head by causal keys, most first. FA3's varlen scheduler hands out tiles in batch
+        order, so ascending rows left each head's longest mini-requests for last
+        (benchmarks/results/executor_order_h100.json). Host int32 tensors: ``row_pos`` [TQB]
+        (position of each packed row within its head), ``starts`` [num_heads * TQB + 1] (query
+        offset of each mini-request, unsorted; last = num_heads * T) and ``seqused_q``
+        [num_heads * TQB] (its query rows): FA3 reads the offsets from cu_seqlens_q and the
+        lengths from seqused_q."""
+        rs = self.row_q_start.cpu().to(torch.int64)
+        keys = self.row_block.cpu().to(torch.int64) * self.block_size + self.row_last_len.cpu()
+        order = torch.sort(keys, descending=True, stable=True).indices
+        row_pos = torch.empty_like(order)
+        row_pos[order] = torch.arange(order.numel())
+        t = self.num_q_tokens
+        starts = (torch.arange(num_heads)[:, None] * t + rs[:-1][order][None, :]).reshape(-1)
+        starts = torch.cat([starts, torch.tensor([num_heads * t])])
+        seqused_q = (rs[1:] - rs[:-1])[order].repeat(num_heads)
+        return row_pos.to(torch.int32), starts.to(torch.int32), seqused_q.to(torch.int32)
+
     def query_index(self, num_q_heads: int, group: int = 1) -> Tensor:
         """int64 [num_q_heads * T] indices into ``q.reshape(-1, D)`` (q is [T, Hq, D]) that
         lay q out as ``(Hq/group * T, group, D)``, head-major: mini-request rows contiguous.

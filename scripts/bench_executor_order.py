@@ -1,7 +1,7 @@
 """Does the order of the FA3 executor's mini-requests matter? Same selection, same page lists,
 several orders, same run (H100):
 
-- ``head-major`` (what XATTN runs): all query blocks of head 0, then head 1, ... Heads of one
+- ``head-major`` (what XATTN ran until commit 5a41c7c): all query blocks of head 0, then head 1, ... Heads of one
   KV group run far apart in time, so a KV block that several of them selected is read from
   HBM once per head unless L2 still holds it.
 - ``group-interleaved``: (KV head, query block, head in group): the G heads of a group on the
@@ -10,13 +10,13 @@ several orders, same run (H100):
 - ``group-interleaved-seqused-q``: the same execution order with the head-major query left in
   place: FA3 takes each mini-request's start from ``cu_seqlens_q`` and its length from
   ``seqused_q``, so the starts need not be sorted. vLLM's Python wrapper does not pass
-  ``seqused_q``; this calls its FA3 op directly (argument order of vllm 0.26.0's
-  ``flash_attn_interface.py``). If that works and is faster, the backend only has to permute
-  per-step metadata and the page-table rows.
+  ``seqused_q``; ``executors.fa3_varlen_paged`` calls its FA3 op directly.
 - ``head-major-blocks-descending`` and ``longest-first`` (the same seqused_q trick): FA3's
   varlen scheduler hands out tiles in batch order, so head-major runs each head's longest
   mini-requests (last query blocks) last and the final wave can leave SMs idle; these two
-  put long mini-requests first (per head, or globally by key count).
+  put long mini-requests first (per head, or globally by key count). The first is what XATTN
+  runs now (``plan.mini_requests_longest_first``; for one request without context it is
+  exactly the per-head reversal timed here).
 
     python scripts/bench_executor_order.py --out benchmarks/results/executor_order_h100.json
 
@@ -42,21 +42,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_attention import executor_flops  # noqa: E402
 from bench_common import SHAPES, causal_flops, dense_fa3, paged_inputs, write_records  # noqa: E402
 
+from vllm_xattn.backends.executors import fa3_varlen_paged  # noqa: E402
 from vllm_xattn.config import XAttnConfig  # noqa: E402
 from vllm_xattn.kernels import (  # noqa: E402
     antidiagonal_scores_paged, build_page_lists, folded_kv_views, make_paged_cache, plan_prefill,
     select_blocks_packed,
 )
-
-
-def fa3_with_seqused_q(q, k, v, out, cu_seqlens_q, seqused_q, max_seqlen_q, seqused_k, max_seqlen_k,
-                       block_table, softmax_scale):
-    """torch.ops._vllm_fa3_C.fwd as vllm 0.26.0's flash_attn_varlen_func calls it (causal,
-    no window, num_splits=1), plus ``seqused_q``."""
-    return torch.ops._vllm_fa3_C.fwd(
-        q, k, v, None, None, None, out, cu_seqlens_q, None, None, seqused_q, seqused_k,
-        max_seqlen_q, max_seqlen_k, block_table, None, None, None, None, None, None, None, None,
-        softmax_scale, True, -1, -1, 0.0, True, None, 1, None, 0, None, 1, 0, None)
 
 
 def run_in_order(q_hm, k_pages, v_pages, lists, order, B, d, times, name):
@@ -71,8 +62,9 @@ def run_in_order(q_hm, k_pages, v_pages, lists, order, B, d, times, name):
     out = torch.empty_like(q_hm)
 
     def run():
-        return fa3_with_seqused_q(q_hm, k_pages, v_pages, out, cu, used_q, B, used_k,
-                                  lists.max_seqlen_k, pt, d ** -0.5)
+        return fa3_varlen_paged(q_hm, k_pages, v_pages, out, cu_seqlens_q=cu, seqused_q=used_q,
+                                max_seqlen_q=B, seqused_k=used_k, max_seqlen_k=lists.max_seqlen_k,
+                                block_table=pt, softmax_scale=d ** -0.5)
 
     run()
     times[name] = do_bench(run, warmup=3, rep=40)

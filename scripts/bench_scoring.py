@@ -94,12 +94,14 @@ def check_against_reference(shape, seq_lens, query_lens, stride, threshold, log)
 # ptxas serialises its wgmma for lack of registers) and was dropped.
 # Since then the kernel takes work from a queue. Its tiles' loads (128 x 256: ~87 FLOPs per
 # byte read from L2) add up to ~4.8 TB/s at S=8 / 32K, near the H100's L2 bandwidth, so it is
-# likely L2-bound (inferred from bytes and time, not profiled): 256 x 256 tiles (16 warps, the
-# same 128 accumulator registers per thread) need ~128 FLOPs per byte.
+# likely L2-bound (inferred from bytes and time, not profiled). A fourth sweep (commit 3c1e448,
+# benchmarks/results/logs/scoring_tune_h100_3c1e448.log) tried 256-row tiles: 256 x 256 does
+# not compile (ptxas: its float32 accumulator alone is all 64K registers), 256 x 128 ran
+# 1.93 ms vs 1.29 ms at S=8 and 1.03 vs 0.67 ms at S=16; 128 x 256 / 8 warps / 4 stages stays.
 TUNE_CONFIGS = [  # (block_m, block_n, num_warps, num_stages, block_d)
-    (128, 256, 8, 4, 64), (128, 256, 8, 5, 64), (128, 256, 8, 4, 32), (128, 256, 8, 6, 32),
+    (128, 256, 8, 4, 64), (128, 256, 8, 4, 32), (128, 256, 8, 6, 32),
     (64, 256, 4, 4, 64), (64, 256, 8, 4, 64), (128, 256, 16, 4, 64), (64, 512, 8, 3, 64),
-    (256, 256, 16, 3, 64), (256, 256, 16, 5, 32), (256, 128, 8, 4, 64), (256, 128, 16, 4, 64),
+    (256, 128, 8, 4, 64), (256, 128, 16, 4, 64),
 ]
 
 

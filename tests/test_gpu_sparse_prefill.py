@@ -5,7 +5,7 @@ import torch
 
 from vllm_xattn import reference as ref
 from vllm_xattn.backends.executors import (
-    FA3, FlashInferContext, FlashInferExecutor, densest_page_lists,
+    FA3, FlashInferContext, FlashInferExecutor, densest_page_lists, fa3_takes_seqused_q,
 )
 from vllm_xattn.backends.sparse_prefill import ScratchPool, SparsePrefill, SparseStep
 from vllm_xattn.config import XAttnConfig
@@ -48,6 +48,8 @@ def test_sparse_prefill_matches_reference(granularity, selection, hq, hkv, d, pa
         plan_prefill(cu_q, n, block_size=cfg.block_size, stride=cfg.stride), block_table=bt,
         tok_start=0, tok_end=int(cu_q[-1]), device=dev,
         selection_heads=hkv if granularity == "kv_group" else hq)
+    # vllm 0.26.0's FA3 op takes seqused_q: the executor runs longest first (not the fallback).
+    assert fa3_takes_seqused_q() and step.mini_seqused_q is not None
     plan = step.plan
     pool = ScratchPool(max_tokens=int(cu_q[-1]), max_reqs=4, max_seq_len=max(n), num_q_heads=hq,
                        head_dim=d, dtype=q.dtype, cfg=cfg, page_size=page, device=torch.device(dev))

@@ -46,7 +46,7 @@ CPU_CASES = {
     "b64_s16_p16_multi": ([(1, 77), (150, 450), (64, 128)], 4, 1, 16, 64, 16, 16, 16, 16),
     "b128_s4_p16": ([(200, 600), (5, 40)], 2, 1, 32, 128, 4, 16, 32, 32),
     "d48_b64_s32_p16": ([(100, 250), (30, 45)], 2, 1, 48, 64, 32, 16, 16, 16),  # S > page
-    "big_tiles_b64_s4_p16": ([(1100, 1500), (40, 300)], 2, 1, 16, 64, 4, 16, 256, 256),  # the --tune tiles
+    "big_tiles_b64_s4_p16": ([(1100, 1500), (40, 300)], 2, 1, 16, 64, 4, 16, 256, 128),  # --tune's 256-row tiles
 }
 GPU_CASES = {
     "gqa_ctx_b128_s8_p16": ([(1000, 3000), (2048, 2048), (77, 5000)], 8, 2, 128, 128, 8, 16, 64, 64),
@@ -54,7 +54,7 @@ GPU_CASES = {
     "d64_b64_s4_p16": ([(3000, 4000)], 4, 4, 64, 64, 4, 16, 64, 64),
     "b64_s32_p32": ([(1500, 2500), (10, 70)], 4, 2, 64, 64, 32, 32, 64, 64),
     "d96_b128_s8_p128": ([(700, 1900)], 4, 2, 96, 128, 8, 128, 128, 64),
-    "big_tiles_b128_s8_p16": ([(5000, 9000), (300, 700)], 8, 2, 128, 128, 8, 16, 256, 256),
+    "big_tiles_b128_s8_p16": ([(5000, 9000), (300, 700)], 8, 2, 128, 128, 8, 16, 256, 128),
 }
 
 
@@ -342,8 +342,10 @@ def attend_page_lists(p, lists, q_mini, group):
     pt, sk, cu = lists.page_table.cpu(), lists.seqused_k.cpu(), lists.cu_seqlens_q.cpu()
     d = q_mini.shape[-1]
     out = torch.zeros_like(q_mini, dtype=torch.float32)
+    used_q = None if lists.seqused_q is None else lists.seqused_q.cpu()
     for m in range(len(sk)):
-        n_k, q0, q1 = int(sk[m]), int(cu[m]), int(cu[m + 1])
+        n_k, q0 = int(sk[m]), int(cu[m])
+        q1 = int(cu[m + 1]) if used_q is None else q0 + int(used_q[m])
         pages = pt[m, : math.ceil(n_k / page)].long()
         kk = kf[pages].reshape(-1, d)[:n_k].float()
         vv = vf[pages].reshape(-1, d)[:n_k].float()
@@ -381,6 +383,32 @@ def test_page_lists_end_to_end(device, case, granularity):
     got = torch.empty(T * hq, d)
     got[idx] = out.reshape(-1, d)
     torch.testing.assert_close(got.view(T, hq, d), want, rtol=1e-4, atol=1e-4)
+
+    # Longest-first order (what the FA3 executor runs): the same lists, rows permuted per head,
+    # query rows found through unsorted offsets + seqused_q; the same output.
+    hs, tqb = hq // group, p["plan"].total_q_blocks
+    row_pos, starts, used_q = plan_cpu.mini_requests_longest_first(hs)
+    keys = plan_cpu.row_block.long() * p["B"] + plan_cpu.row_last_len.long()
+    by_pos = torch.empty_like(row_pos)
+    by_pos[row_pos.long()] = torch.arange(tqb, dtype=torch.int32)
+    assert bool((keys[by_pos.long()].diff() <= 0).all())  # most causal keys first
+    dev = p["dev"]
+    lists_lf = build_page_lists(counts, ids, p["bt"], p["kv"], p["plan"], granularity=granularity,
+                                num_kv_heads=hkv, cu_seqlens_q=starts.to(dev), row_pos=row_pos.to(dev),
+                                seqused_q=used_q.to(dev))
+    page = p["kv"].shape[2]
+    for h in range(hs):
+        for r in range(tqb):
+            m, m_lf = h * tqb + r, h * tqb + int(row_pos[r])
+            assert int(lists_lf.seqused_k[m_lf]) == int(lists.seqused_k[m])
+            assert int(starts[m_lf]) == int(lists.cu_seqlens_q[m])
+            assert int(used_q[m_lf]) == int(lists.cu_seqlens_q[m + 1] - lists.cu_seqlens_q[m])
+            n_pg = math.ceil(int(lists.seqused_k[m]) / page)
+            assert torch.equal(lists_lf.page_table[m_lf, :n_pg], lists.page_table[m, :n_pg])
+    torch.testing.assert_close(attend_page_lists(p, lists_lf, q_mini, group), out, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="row_pos"):
+        build_page_lists(counts, ids, p["bt"], p["kv"], p["plan"], granularity=granularity,
+                         num_kv_heads=hkv, row_pos=row_pos.to(dev))
 
     # Head chunks into a reused buffer give the same rows as the whole.
     hs = hq // group

@@ -42,7 +42,8 @@ def test_split_and_page_lists_match_reference():
     a = antidiagonal_scores_paged(q_sp.to(dev), kv, step.block_table, step.plan)
     counts, ids = select_blocks_packed(a, step.plan, threshold=cfg.threshold)
     lists = build_page_lists(counts, ids, step.block_table, kv, step.plan,
-                             cu_seqlens_q=step.mini_cu_seqlens_q)
+                             cu_seqlens_q=step.mini_cu_seqlens_q, row_pos=step.mini_row_pos,
+                             seqused_q=step.mini_seqused_q)
 
     # Reference on the suffix's requests alone, with the same selection.
     masks = masks_from_selection(counts, ids, step.plan)
