@@ -74,6 +74,32 @@ def test_sparse_prefill_matches_reference(granularity, selection, hq, hkv, d, pa
     assert ref.density(masks) < 1.0 or selection.get("threshold") == 1.0
 
 
+@pytest.mark.parametrize("granularity", ["head", "kv_group"])
+def test_longest_first_order_is_bitwise_the_sorted_order(monkeypatch, granularity):
+    """The executor's mini-request order changes only which SM runs what: each mini-request is
+    one FA3 tile (num_splits=1), so the layer output is bitwise the sorted order's."""
+    from vllm_xattn.backends import executors
+
+    hq, hkv, d, page = 8, 2, 128, 16
+    cfg = XAttnConfig(granularity=granularity, selection="ratio", ratio=0.3)
+    q, k, v, cu_q, cu_k, n, kv_cache, bt = _problem(hq, hkv, d, page)
+    pool = ScratchPool(max_tokens=int(cu_q[-1]), max_reqs=4, max_seq_len=max(n), num_q_heads=hq,
+                       head_dim=d, dtype=q.dtype, cfg=cfg, page_size=page, device=torch.device("cuda"))
+    sp = SparsePrefill(cfg, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, scale=d ** -0.5, thresholds=None)
+    outs = []
+    for longest_first in (True, False):
+        monkeypatch.setattr(executors, "fa3_takes_seqused_q", lambda lf=longest_first: lf)
+        step = SparseStep.from_host_plan(
+            plan_prefill(cu_q, n, block_size=cfg.block_size, stride=cfg.stride), block_table=bt,
+            tok_start=0, tok_end=int(cu_q[-1]), device="cuda",
+            selection_heads=hkv if granularity == "kv_group" else hq)
+        assert (step.mini_seqused_q is not None) == longest_first
+        out = torch.zeros_like(q)
+        sp.run(q, kv_cache, step, out, pool)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+
+
 # ----------------------------------------------------------------- FlashInfer executor
 
 
