@@ -59,18 +59,18 @@ def main():
     with contextlib.ExitStack() as stack:
         # One after the other: vLLM sizes its KV cache from the memory it sees while profiling,
         # which another engine starting at the same time would disturb.
-        for name, backend in servers.items():
-            urls[name] = stack.enter_context(vllm_server(model, common + backend, log_dir / f"serve-{name}.log"))
-            bench_serve(urls[name], model, input_len=max(args.lengths), output_len=1, num_prompts=2,
+        for server, backend in servers.items():
+            urls[server] = stack.enter_context(vllm_server(model, common + backend, log_dir / f"serve-{server}.log"))
+            bench_serve(urls[server], model, input_len=max(args.lengths), output_len=1, num_prompts=2,
                         concurrency=1)  # warm-up
-            print(f"{name}: up and warm after {time.time() - t0:.0f} s", flush=True)
+            print(f"{server}: up and warm after {time.time() - t0:.0f} s", flush=True)
         per_round = {n: [] for n in args.lengths}
         for r in range(args.rounds):
             order = list(servers) if r % 2 == 0 else list(servers)[::-1]
             for i, n in enumerate(args.lengths):
-                got = {name: bench_serve(urls[name], model, input_len=n, output_len=1, concurrency=1,
-                                         num_prompts=args.prompts, seed=1000 * r + i)["median_ttft_ms"]
-                       for name in order}
+                got = {server: bench_serve(urls[server], model, input_len=n, output_len=1, concurrency=1,
+                                           num_prompts=args.prompts, seed=1000 * r + i)["median_ttft_ms"]
+                       for server in order}
                 per_round[n].append(got)
                 print(f"round {r} {n}: dense {got['dense']:.1f} ms, xattn {got['xattn']:.1f} ms", flush=True)
     records = [dict(model=name, prompt_len=n,
