@@ -65,8 +65,8 @@ def plan_sparse_suffix(query_start_loc_cpu, seq_lens_cpu, cfg: XAttnConfig,
     """The sparse suffix of a batch (its first request) and its host-side plan, or None.
 
     ``query_start_loc_cpu`` [R+1] and ``seq_lens_cpu`` [R] are the batch's CPU copies; the
-    plan's query rows are relative to the suffix's first token. ``tiles`` (block_m/block_n)
-    override the scoring tiles (tests).
+    plan's query rows are relative to the suffix's first token. ``tiles``: ``plan_prefill``'s
+    tile arguments (``min_tiles`` from the builder; ``block_m`` / ``block_n`` in tests).
     """
     first, skipped = _sparse_suffix(query_start_loc_cpu, seq_lens_cpu,
                                     min_sparse_tokens=cfg.min_sparse_tokens, block_size=cfg.block_size)

@@ -30,6 +30,7 @@ from vllm_xattn.backends.sparse_prefill import (
     plan_sparse_suffix,
 )
 from vllm_xattn.config import XAttnConfig, load_threshold_table, xattn_config_from_vllm
+from vllm_xattn.kernels import min_scoring_tiles
 
 # Under the "vllm" logger so messages use vLLM's handlers and log level.
 logger = init_logger("vllm.xattn")
@@ -119,6 +120,10 @@ class XAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
                  get_layers_from_vllm_config(vllm_config, torch.nn.Module, layer_names).values()]
         if impls and not any(getattr(i, "may_run_sparse", False) for i in impls):
             self.executor = None  # a dense-only group (e.g. sliding window): plan no executor
+        # Scoring tiles shrink in steps too small to occupy the GPU (plan.min_scoring_tiles).
+        sms = (torch.cuda.get_device_properties(device).multi_processor_count
+               if torch.device(device).type == "cuda" else 0)
+        self._min_tiles = min_scoring_tiles(sms, self.num_heads_q) if sms else 0
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> FlashAttentionMetadata:
@@ -131,7 +136,8 @@ class XAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
                 and self.xattn.block_size % self.block_size == 0):
             # CPU copies only: no device sync. Upper bounds are exact for prefill rows.
             split = plan_sparse_suffix(cm.query_start_loc_cpu[: cm.num_reqs + 1],
-                                       cm.seq_lens_cpu_upper_bound[: cm.num_reqs], self.xattn)
+                                       cm.seq_lens_cpu_upper_bound[: cm.num_reqs], self.xattn,
+                                       min_tiles=self._min_tiles)
         if split is None:
             return super().build(common_prefix_len, cm, fast_build)
         first, plan = split

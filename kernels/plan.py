@@ -106,6 +106,16 @@ class XAttnPlan:
         return (tok * num_q_heads + head).reshape(-1)
 
 
+def min_scoring_tiles(num_sms: int, num_q_heads: int) -> int:
+    """``plan_prefill``'s ``min_tiles`` for a GPU of ``num_sms`` SMs: the scoring kernel runs
+    one work item (tile x query head) per SM at a time, and an item sweeps all its key tiles
+    alone, so a step with at most half as many items as SMs (an 8K chunk at stride 32 on the
+    Llama layer: 2 tiles x 32 heads on 132 SMs) leaves half the GPU idle. Halving block_m then
+    doubles the items; 64-row tiles ran 1.26x slower per FLOP than 128-row ones when the GPU
+    was full (benchmarks/results/scoring_tune_h100.json), so halving stops above SMs / 2 items."""
+    return num_sms // (2 * num_q_heads) + 1
+
+
 def plan_prefill(
     cu_seqlens_q,
     seq_lens,
@@ -114,23 +124,31 @@ def plan_prefill(
     stride: int,
     block_m: int | None = None,
     block_n: int | None = None,
+    min_tiles: int = 0,
 ) -> XAttnPlan:
     """Plan a varlen prefill batch. ``cu_seqlens_q`` [R+1] and ``seq_lens`` [R] (total keys N
     per request) are CPU ints. ``block_m``/``block_n`` (scoring tile sizes in super-tokens)
-    must be multiples of B/S (so tiles own whole blocks), powers of two and >= 16."""
+    must be multiples of B/S (so tiles own whole blocks), powers of two and >= 16.
+    ``min_tiles``: without an explicit ``block_m``, halve the default while the batch has
+    fewer scoring tiles than this (see ``min_scoring_tiles``)."""
     B, S = block_size, stride
     if B % S:
         raise ValueError(f"stride {S} must divide block_size {B}")
     bps = B // S
-    block_m = block_m or XAttnPlan.DEFAULT_BLOCK_M
-    block_n = block_n or XAttnPlan.DEFAULT_BLOCK_N
-    for name, v in (("block_m", block_m), ("block_n", block_n)):
-        if v % bps or v < 16 or v & (v - 1):
-            raise ValueError(f"{name}={v} must be a power of two >= 16 and a multiple of B/S={bps}")
     cq, ns = _ints(cu_seqlens_q), _ints(seq_lens)
     R = len(ns)
     if len(cq) != R + 1:
         raise ValueError("cu_seqlens_q must have len(seq_lens) + 1 entries")
+    if block_m is None:
+        block_m = XAttnPlan.DEFAULT_BLOCK_M
+        # super-rows of whole query blocks per request -> tiles of block_m
+        rows = [((n - 1) // B - (n - (cq[r + 1] - cq[r])) // B + 1) * bps for r, n in enumerate(ns)]
+        while block_m // 2 >= max(16, bps) and sum(_cdiv(x, block_m) for x in rows) < min_tiles:
+            block_m //= 2
+    block_n = block_n or XAttnPlan.DEFAULT_BLOCK_N
+    for name, v in (("block_m", block_m), ("block_n", block_n)):
+        if v % bps or v < 16 or v & (v - 1):
+            raise ValueError(f"{name}={v} must be a power of two >= 16 and a multiple of B/S={bps}")
     req, tiles, costs = [], [], []
     row_block, row_request, row_q_start, row_last_len = [], [], [], []
     off, max_kb = 0, 1

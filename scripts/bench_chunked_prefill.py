@@ -27,7 +27,7 @@ from bench_attention import profile_layer  # noqa: E402
 from vllm_xattn.backends.executors import FA3  # noqa: E402
 from vllm_xattn.backends.sparse_prefill import ScratchPool, SparsePrefill, SparseStep  # noqa: E402
 from vllm_xattn.config import XAttnConfig  # noqa: E402
-from vllm_xattn.kernels import plan_prefill  # noqa: E402
+from vllm_xattn.kernels import min_scoring_tiles, plan_prefill  # noqa: E402
 
 
 def main():
@@ -39,6 +39,8 @@ def main():
     ap.add_argument("--config", default='{"selection": "ratio", "ratio": 0.1}',
                     help="xattn knobs (JSON); the rest are the defaults")
     ap.add_argument("--profile", metavar="DIR")
+    ap.add_argument("--min-tiles", type=int, default=None,
+                    help="plan_prefill's min_tiles (default: what the XATTN builder passes on this GPU; 0: off)")
     args = ap.parse_args()
 
     dims = SHAPES[args.shape]
@@ -51,12 +53,16 @@ def main():
     sp = SparsePrefill(cfg, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, scale=d ** -0.5,
                        thresholds=None)
     sel_heads = hkv if cfg.granularity == "kv_group" else hq
+    min_tiles = args.min_tiles
+    if min_tiles is None:
+        min_tiles = min_scoring_tiles(torch.cuda.get_device_properties(0).multi_processor_count, hq)
     chunks, plan_ms = [], []
     for c in range(N // C):
         cu = torch.tensor([0, C], dtype=torch.int32)
         sl = torch.tensor([(c + 1) * C], dtype=torch.int32)
         t0 = time.perf_counter()
-        step = SparseStep.from_host_plan(plan_prefill(cu, sl, block_size=cfg.block_size, stride=cfg.stride),
+        step = SparseStep.from_host_plan(plan_prefill(cu, sl, block_size=cfg.block_size, stride=cfg.stride,
+                                                      min_tiles=min_tiles),
                                          block_table=bt, tok_start=0, tok_end=C,
                                          selection_heads=sel_heads, device="cuda", executor=FA3)
         plan_ms.append((time.perf_counter() - t0) * 1e3)
@@ -68,7 +74,7 @@ def main():
         x_ms = do_bench(lambda: sp.run(qc, kv, step, o, pool), warmup=3, rep=30)
         d_ms = do_bench(dense_fa3(qc, kv, bt, cu, sl), warmup=3, rep=30)
         records.append(dict(chunk=c, context=c * C, density=density, ms=x_ms, dense_fa3_ms=d_ms,
-                            plan_host_ms=plan_ms[c]))
+                            plan_host_ms=plan_ms[c], block_m=step.plan.block_m))
         print(records[-1], flush=True)
     dense_runs = [dense_fa3(qc, kv, bt, cu, sl) for _, qc, cu, sl, _, _ in chunks]
 
@@ -89,7 +95,7 @@ def main():
                    xattn_all_chunks_ms=x_all, dense_all_chunks_ms=d_all, speedup=d_all / x_all,
                    sum_chunk_ms=sum(r["ms"] for r in records),
                    sum_chunk_dense_ms=sum(r["dense_fa3_ms"] for r in records),
-                   plan_host_ms_total=sum(plan_ms), **dims)
+                   plan_host_ms_total=sum(plan_ms), min_tiles=min_tiles, **dims)
     print(summary, flush=True)
     write_records(Path(args.out), records, "python scripts/bench_chunked_prefill.py " + " ".join(sys.argv[1:]),
                   summary=summary)

@@ -134,6 +134,28 @@ def test_plan_layout():
     assert cu.tolist() == [0, 62, 70, 134, 198, 200, 233, 295, 303, 367, 431, 433, 466]
 
 
+def test_plan_shrinks_scoring_tiles_for_small_steps():
+    """min_tiles: block_m halves only while a step has at most ~SMs / 2 work items (H100: 132)."""
+    from vllm_xattn.kernels import min_scoring_tiles
+
+    chunk = ([0, 8192], [131072])  # the last 8K chunk of a 128K prompt (vLLM's default chunk)
+    llama, qwen = min_scoring_tiles(132, 32), min_scoring_tiles(132, 14)
+    assert (llama, qwen, min_scoring_tiles(132, 16)) == (3, 5, 5)
+    p16 = plan_prefill(*chunk, block_size=128, stride=16, min_tiles=llama)
+    assert (p16.block_m, p16.num_tiles) == (128, 4)  # 128 items: the GPU is full
+    p32 = plan_prefill(*chunk, block_size=128, stride=32, min_tiles=llama)
+    assert (p32.block_m, p32.num_tiles) == (64, 4)  # 2 x 32 items would leave half the SMs idle
+    pq = plan_prefill(*chunk, block_size=128, stride=16, min_tiles=qwen)
+    assert (pq.block_m, pq.num_tiles) == (64, 8)
+    # Several requests count together; an explicit block_m and the B/S floor are kept.
+    two = plan_prefill([0, 4096, 8192], [65536, 4096], block_size=128, stride=32, min_tiles=llama)
+    assert (two.block_m, two.num_tiles) == (64, 4)  # 1 + 1 tiles of 128 rows -> 2 + 2 of 64
+    assert plan_prefill(*chunk, block_size=128, stride=32, block_m=128, min_tiles=99).block_m == 128
+    tiny = plan_prefill([0, 64], [64], block_size=64, stride=4, min_tiles=99)
+    assert tiny.block_m == 16 and tiny.num_tiles == 1
+    assert plan_prefill(*chunk, block_size=128, stride=16).block_m == 128  # min_tiles off
+
+
 def test_paged_cache_and_folded_views():
     g = torch.Generator().manual_seed(1)
     k, v = torch.randn(300, 3, 8, generator=g), torch.randn(300, 3, 8, generator=g)
