@@ -133,9 +133,11 @@ class Fa3Executor(_Executor):
         return None
 
     def mini_order(self, plan, *, selection_heads: int):
-        """Longest first within each head where the op takes ``seqused_q``: at 128K / 10 %
-        density the Llama layer's executor took 24.4 ms vs 33.3 ms in ascending order, at
-        32K 1.78 vs 1.86 ms (benchmarks/results/executor_order_h100.json)."""
+        """Longest first within each head where the op takes ``seqused_q``. Llama layer, 10 %
+        density, same page lists (benchmarks/results/executor_order_h100.json): 128K 24.4 ms
+        vs 25.4-26.7 ms for the other orders and 33.3 ms ascending (25.8 ms in an earlier
+        run); 32K 1.78 vs 1.86 ms ascending. The layer went from 5.87x to 6.19x dense FA3
+        (attention_default_h100.json)."""
         if fa3_takes_seqused_q():
             return plan.mini_requests_longest_first(selection_heads)
         return super().mini_order(plan, selection_heads=selection_heads)
