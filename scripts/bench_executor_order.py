@@ -17,6 +17,8 @@ several orders, same run (H100):
   put long mini-requests first (per head, or globally by key count). The first is what XATTN
   runs now (``plan.mini_requests_longest_first``; for one request without context it is
   exactly the per-head reversal timed here).
+- ``group-interleaved-blocks-descending``: group-interleaved with the query blocks descending
+  (both effects at once).
 
     python scripts/bench_executor_order.py --out benchmarks/results/executor_order_h100.json
 
@@ -111,9 +113,11 @@ def compare_orders(q, kv, bt, cu_q, sl, sels, base_rec):
         # via seqused_q); outputs are compared in head-major order.
         qb_desc = (torch.arange(M, device="cuda").view(hq, R).flip(1)).reshape(-1)
         longest = torch.sort(lists.seqused_k.long(), descending=True, stable=True).indices
+        perm_desc = ((hk_ * G + g_) * R + (R - 1 - r_)).reshape(-1).cuda()  # groups, blocks descending
         for name, order in (("group-interleaved-seqused-q", perm),
                             ("head-major-blocks-descending", qb_desc),
-                            ("longest-first", longest)):
+                            ("longest-first", longest),
+                            ("group-interleaved-blocks-descending", perm_desc)):
             try:
                 o_hm = run_in_order(q_hm, k_pages, v_pages, lists, order, B, d, times, name)
                 outs[name] = o_hm.view(M, B, 1, d)
