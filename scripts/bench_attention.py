@@ -35,8 +35,11 @@ from vllm_xattn.kernels import (  # noqa: E402
 
 def executor_flops(lists, hq_per_mini: int, head_dim: int) -> float:
     """FLOPs the executor computes: bottom-right causal rows over each mini-request's keys."""
-    cu = lists.cu_seqlens_q.long()
-    tq = (cu[1:] - cu[:-1]).double()
+    if lists.seqused_q is not None:  # another order than the layout's: starts are unsorted
+        tq = lists.seqused_q.double()
+    else:
+        cu = lists.cu_seqlens_q.long()
+        tq = (cu[1:] - cu[:-1]).double()
     kv = lists.seqused_k[: tq.numel()].double()
     pairs = tq * (kv - tq) + tq * (tq + 1) / 2
     return float(4.0 * head_dim * hq_per_mini * pairs.sum())

@@ -28,7 +28,7 @@ from vllm_xattn.kernels import (  # noqa: E402
 )
 
 
-def pipeline(q, kv_cache, block_table, plan, *, threshold, hkv, tiles=None):
+def pipeline(q, kv_cache, block_table, plan, *, threshold, tiles=None):
     """The per-layer work as serving runs it: what serving makes once per step or once per
     process (the thresholds tensor, the mini-requests' query offsets, the page-table buffer)
     is made here once, outside the timed calls."""
@@ -113,7 +113,7 @@ def tune(shape, seq_len, stride, threshold, log):
     for bm, bn, warps, stages, bd in TUNE_CONFIGS:
         try:
             plan = plan_prefill(cu_q, sl, block_size=128, stride=stride, block_m=bm, block_n=bn).to("cuda")
-            scoring, *_ = pipeline(q, kv, bt, plan, threshold=threshold, hkv=dims["num_kv_heads"],
+            scoring, *_ = pipeline(q, kv, bt, plan, threshold=threshold,
                                   tiles=dict(num_warps=warps, num_stages=stages, block_d=bd))
             ms = do_bench(scoring, warmup=5, rep=40)
         except Exception as e:  # out of shared memory / registers for this tile
@@ -178,7 +178,7 @@ def main():
             plan_ms = (time.perf_counter() - t0) * 1e3
             launch = {k: best[k] for k in ("num_warps", "num_stages", "block_d") if k in best}
             scoring, run, select, make_lists = pipeline(q, kv, bt, plan, threshold=args.threshold,
-                                                        hkv=dims["num_kv_heads"], tiles=launch)
+                                                        tiles=launch)
             lists, counts = run()
             cand = plan.causal_blocks() * dims["num_q_heads"]
             density = counts.sum().item() / cand
