@@ -69,10 +69,15 @@ class XAttnPlan:
     def mini_cu_seqlens_q(self, num_heads: int) -> Tensor:
         """cu_seqlens_q [num_heads * TQB + 1] of mini-requests ordered (head, packed row), for a
         query laid out head-major ``(num_heads * T, G, D)`` (see ``query_index``)."""
+        return self._mini_starts(num_heads, torch.arange(self.total_q_blocks))
+
+    def _mini_starts(self, num_heads: int, order: Tensor) -> Tensor:
+        """int32 [num_heads * TQB + 1]: query offset of each mini-request (head h's packed rows
+        in ``order``) in the head-major layout, then the total rows num_heads * T."""
         rs = self.row_q_start.cpu().to(torch.int64)
         t = self.num_q_tokens
-        cu = (torch.arange(num_heads)[:, None] * t + rs[None, :-1]).reshape(-1)
-        return torch.cat([cu, torch.tensor([num_heads * t])]).to(torch.int32)
+        starts = (torch.arange(num_heads)[:, None] * t + rs[:-1][order][None, :]).reshape(-1)
+        return torch.cat([starts, torch.tensor([num_heads * t])]).to(torch.int32)
 
     def mini_requests_longest_first(self, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
         """The same mini-requests and head-major query as ``mini_cu_seqlens_q``, ordered per
@@ -88,11 +93,8 @@ class XAttnPlan:
         order = torch.sort(keys, descending=True, stable=True).indices
         row_pos = torch.empty_like(order)
         row_pos[order] = torch.arange(order.numel())
-        t = self.num_q_tokens
-        starts = (torch.arange(num_heads)[:, None] * t + rs[:-1][order][None, :]).reshape(-1)
-        starts = torch.cat([starts, torch.tensor([num_heads * t])])
         seqused_q = (rs[1:] - rs[:-1])[order].repeat(num_heads)
-        return row_pos.to(torch.int32), starts.to(torch.int32), seqused_q.to(torch.int32)
+        return row_pos.to(torch.int32), self._mini_starts(num_heads, order), seqused_q.to(torch.int32)
 
     def query_index(self, num_q_heads: int, group: int = 1) -> Tensor:
         """int64 [num_q_heads * T] indices into ``q.reshape(-1, D)`` (q is [T, Hq, D]) that

@@ -112,7 +112,7 @@ def select_blocks_packed(
     the group, return per-query-head outputs (the group's rows repeated).
     num_warps: per row (program). Default: threshold 1 warp up to 1024 key blocks (its 31
     masked sums reduce over shuffles, no shared memory; 0.28 vs 0.41 ms for 4 warps and 0.66
-    for 8 at 128K), else 4; top-k / ratio 4 (benchmarks/results/selection_h100.json).
+    for 8 at 128K), else 4; top-k / ratio 4 (benchmarks/results/selection_warps_h100.json).
     Returns (counts int32 [Hq, TQB], ids int32 [Hq, TQB, max_kb]).
     """
     if mode not in _MODES:
