@@ -112,12 +112,13 @@ class SparseStep:
         """``plan`` on the host; ``executor`` plans its own part here, once per step (for
         FlashInfer the expensive host ``plan()``), never per layer."""
         order = (executor or FA3).mini_order(plan, selection_heads=selection_heads)
-        row_pos, cu, used_q = (None if x is None else x.to(device, non_blocking=True) for x in order)
+        candidates = plan.causal_blocks()
         ex_step = (executor.plan_step(plan, selection_heads=selection_heads, device=device)
                    if executor is not None else None)
-        return cls(plan=plan.to(device), block_table=block_table, tok_start=tok_start,
+        dev_plan, row_pos, cu, used_q = plan.to(device, *order)  # one pinned copy
+        return cls(plan=dev_plan, block_table=block_table, tok_start=tok_start,
                    tok_end=tok_end, mini_cu_seqlens_q=cu, mini_row_pos=row_pos, mini_seqused_q=used_q,
-                   executor=executor, executor_step=ex_step, candidate_blocks=plan.causal_blocks())
+                   executor=executor, executor_step=ex_step, candidate_blocks=candidates)
 
 
 class ScratchPool:

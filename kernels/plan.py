@@ -28,6 +28,33 @@ def _ints(x) -> list[int]:
     return [int(v) for v in (x.tolist() if isinstance(x, Tensor) else x)]
 
 
+def host_to_device(tensors: list[Tensor | None], device) -> list[Tensor | None]:
+    """Small int32 host tensors on ``device``, in one copy staged through pinned memory.
+
+    A ``non_blocking`` copy from pageable memory waits for the stream's earlier work, and
+    vLLM's async scheduling builds step N+1's metadata while the GPU still runs step N: each
+    pageable copy there would stall the host until the GPU drains. Segments start at 16-byte
+    offsets so that Triton, which specialises kernels on pointer alignment, sees one
+    alignment for every step (no recompiles mid-serving). None entries stay None.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return [None if t is None else t.to(device) for t in tensors]
+    if any(t is not None and t.dtype != torch.int32 for t in tensors):
+        raise TypeError("host_to_device copies int32 tensors only")
+    parts, offsets, total = [], [], 0
+    for t in tensors:
+        offsets.append(total)
+        if t is not None:
+            pad = -t.numel() % 4  # 4 x int32 = 16 bytes
+            parts += [t.reshape(-1), torch.zeros(pad, dtype=torch.int32)]
+            total += t.numel() + pad
+    staged = torch.cat(parts).pin_memory() if parts else torch.empty(0, dtype=torch.int32)
+    flat = staged.to(device, non_blocking=True)  # the host block is freed after the copy (event)
+    return [None if t is None else flat[o : o + t.numel()].view(t.shape)
+            for t, o in zip(tensors, offsets)]
+
+
 @dataclass(frozen=True)
 class XAttnPlan:
     # Scoring tiles tuned on the H100 (benchmarks/results/scoring_h100_checks.json): 128 x 256
@@ -54,12 +81,14 @@ class XAttnPlan:
     row_q_start: Tensor  # [TQB + 1] first query row (relative to q) of each packed row's block; last = T
     row_last_len: Tensor  # [TQB] keys of the diagonal block up to the block's last query: min(B, N - i*B)
 
-    def to(self, device) -> "XAttnPlan":
-        return replace(
-            self,
-            **{f.name: getattr(self, f.name).to(device, non_blocking=True)
-               for f in fields(self) if isinstance(getattr(self, f.name), Tensor)},
-        )
+    def to(self, device, *extra: Tensor | None) -> "XAttnPlan" | tuple:
+        """The plan with its tensors on ``device``, in one copy (``host_to_device``). Host
+        tensors in ``extra`` (None passes through) ride along in the same copy; then the
+        result is ``(plan, *extra_on_device)``."""
+        names = [f.name for f in fields(self) if isinstance(getattr(self, f.name), Tensor)]
+        moved = host_to_device([getattr(self, n) for n in names] + list(extra), device)
+        plan = replace(self, **dict(zip(names, moved)))
+        return (plan, *moved[len(names):]) if extra else plan
 
     def causal_blocks(self) -> int:
         """Causal (query block, key block) pairs per head: the denominator of the density

@@ -275,3 +275,14 @@ def test_sparse_step_counts_causal_candidates():
     step = SparseStep.from_host_plan(plan, block_table=torch.zeros(2, 4, dtype=torch.int32),
                                      tok_start=0, tok_end=428, selection_heads=2, device="cpu")
     assert step.candidate_blocks == 10 + 1
+
+
+def test_plan_to_carries_extra_tensors_and_nones():
+    from vllm_xattn.kernels import plan_prefill
+
+    plan = plan_prefill([0, 300, 428], [400, 128], block_size=128, stride=8)
+    extra = torch.arange(7, dtype=torch.int32)
+    moved, got, none = plan.to("cpu", extra, None)
+    assert none is None and torch.equal(got, extra)
+    assert torch.equal(moved.row_q_start, plan.row_q_start) and moved.num_tiles == plan.num_tiles
+    assert plan.to("cpu").total_q_blocks == plan.total_q_blocks  # no extras: just the plan

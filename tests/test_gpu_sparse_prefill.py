@@ -209,3 +209,24 @@ def test_short_sparse_suffix_allocates_no_split_kv_buffers():
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before
     assert extra < 64 * 2**20, f"{extra / 2**30:.2f} GiB allocated outside the pool"
+
+
+def test_host_to_device_is_one_aligned_copy_that_does_not_wait_for_the_stream():
+    """The step's plan goes up while the GPU still runs the previous step (vLLM's async
+    scheduling): the copy must not wait for the stream, and each segment starts 16-byte aligned
+    (one Triton specialisation for every step)."""
+    import time
+
+    from vllm_xattn.kernels.plan import host_to_device
+
+    host = [torch.arange(n, dtype=torch.int32) * 3 for n in (5, 1, 8, 13)]
+    torch.cuda.synchronize()
+    torch.cuda._sleep(1_000_000_000)  # ~0.5 s of GPU work ahead of the copy
+    t0 = time.perf_counter()
+    dev = host_to_device([host[0], None, *host[1:]], "cuda")
+    waited = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    assert waited < 0.1, f"the copy waited {waited:.3f} s for the stream"
+    assert dev[1] is None
+    for h, d in zip(host, [dev[0], *dev[2:]]):
+        assert torch.equal(d.cpu(), h) and d.data_ptr() % 16 == 0
