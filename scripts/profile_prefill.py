@@ -127,7 +127,10 @@ def main():
     records = []
     for setting in args.settings:  # a fresh process per engine: GPU memory is fully returned
         cmd = [sys.executable, __file__, *sys.argv[1:], "--child", setting]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"{setting}: engine process failed:\n{proc.stderr[-4000:]}")
+        out = proc.stdout
         rec = json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
         records.append(dict(rec, model=name))
     result = dict(device=device_name(), commit=commit(), date=time.strftime("%Y-%m-%d"),
