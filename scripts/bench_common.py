@@ -112,6 +112,17 @@ def write_records(path: Path, records: list[dict], command: str, **extra) -> Non
                                 "records": records}, indent=1))
 
 
+def merge_records(path: Path, records: list[dict], key: tuple[str, ...]) -> None:
+    """Put ``records`` into the results file at ``path``: a record there with the same ``key``
+    fields is replaced, the others and the file's top-level fields are kept. Each record must
+    carry its own commit, date and command, since the file's may belong to another run."""
+    results = json.loads(path.read_text()) if path.exists() else {"records": []}
+    ident = lambda r: json.dumps([r.get(k) for k in key])  # values may be lists
+    new = {ident(r) for r in records}
+    results["records"] = [r for r in results["records"] if ident(r) not in new] + records
+    path.write_text(json.dumps(results, indent=1))
+
+
 def line_plot(path: Path, series: dict[str, list[tuple[float, float]]], *, xlabel: str,
               ylabel: str, hlines: tuple[float, ...] = (), log2_x: bool = True) -> None:
     """One PNG of labelled (x, y) series beside a results file (skipped without matplotlib)."""

@@ -109,6 +109,10 @@ def measure_setting(model: str, setting: str, server: list[str], args, log_dir: 
                 **serving)
 
 
+# The TTFT method of this script's records; e2e_h100.json also holds `vllm bench latency` records
+# (scripts/bench_latency.py --also-into), which this script keeps as they are.
+METHOD = "vllm bench serve"
+
 # Per-setting fields that travel with each record: where and how that setting was measured.
 PROVENANCE = ("commit", "date", "command", "mixed_note", "density_logged")
 SERVING = ("decode_tok_s", "decode_tpot_ms", "mixed_mean_ttft_ms", "mixed_tok_s")
@@ -120,7 +124,7 @@ def measured_from_records(results: dict, name: str) -> dict:
     without their own commit / date take the file's."""
     measured = {}
     for r in results.get("records", []):
-        if r.get("model") != name:
+        if r.get("model") != name or r.get("method", METHOD) != METHOD:
             continue
         m = measured.setdefault(r["setting"], dict(
             ttft={}, density={}, density_per_layer={},
@@ -144,7 +148,7 @@ def to_records(name: str, measured: dict) -> list[dict]:
                 density = 1.0 if d is None else d
             else:
                 density = None  # the server ran without the density log
-            rec = dict(model=name, setting=setting, knobs=knobs, prompt_len=int(n), ttft_ms=ttft,
+            rec = dict(model=name, method=METHOD, setting=setting, knobs=knobs, prompt_len=int(n), ttft_ms=ttft,
                        density=density,
                        **{k: m.get(k) for k in SERVING},
                        **{k: m[k] for k in PROVENANCE if m.get(k) is not None})
@@ -161,12 +165,14 @@ def save(out: Path, results: dict, name: str, measured: dict) -> list[dict]:
     """Write ``out``: other models' records as they were, this model's from ``measured``,
     the file's hand-written "note" kept; and the TTFT plot beside it."""
     old = results.get("records", [])
-    records = [r for r in old if r.get("model") != name] + to_records(name, measured)
+    records = [r for r in old if r.get("model") != name or r.get("method", METHOD) != METHOD] + \
+        to_records(name, measured)
     write_records(out, records, "python scripts/bench_e2e.py " + " ".join(sys.argv[1:]),
                   **{k: results[k] for k in ("note",) if k in results})
     series = {}
     for r in records:
-        series.setdefault(f"{r['model']} {r['setting']}", []).append((r["prompt_len"], r["ttft_ms"] / 1000))
+        if r.get("method", METHOD) == METHOD:
+            series.setdefault(f"{r['model']} {r['setting']}", []).append((r["prompt_len"], r["ttft_ms"] / 1000))
     line_plot(out.with_suffix(".png"), series, xlabel="prompt tokens", ylabel="TTFT (s)")
     return records
 
@@ -232,7 +238,7 @@ def main():
     print("\n| model | setting | prompt | density | TTFT ms | dense ms | speedup |")
     print("|---|---|---|---|---|---|---|")
     for r in records:
-        if r["model"] == name:
+        if r["model"] == name and r.get("method", METHOD) == METHOD:
             dens = "n/a" if r["density"] is None else f"{r['density']:.3f}"
             print(f"| {name} | {r['setting']} | {r['prompt_len']} | {dens} | {r['ttft_ms']:.1f} | "
                   f"{r.get('ttft_ms_dense', float('nan')):.1f} | {r.get('ttft_speedup', float('nan')):.2f}x |")

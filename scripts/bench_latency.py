@@ -21,10 +21,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import write_records  # noqa: E402
+from bench_common import commit, merge_records, write_records  # noqa: E402
 from bench_e2e import add_model_args, resolve_model  # noqa: E402
 from serve_util import ENV, backend_args  # noqa: E402
 
@@ -70,6 +71,9 @@ def main():
     ap.add_argument("--max-num-batched-tokens", type=int, default=None,
                     help="chunk size (default: the offline LLM default)")
     ap.add_argument("--out", default="benchmarks/results/latency_h100.json")
+    ap.add_argument("--also-into", metavar="RESULTS_JSON",
+                    help="also put the records into this results file (e.g. "
+                         "benchmarks/results/e2e_h100.json), replacing the same setting / length / chunk")
     args = ap.parse_args()
 
     model, name, model_args = resolve_model(args)
@@ -91,8 +95,13 @@ def main():
                 res["max_num_batched_tokens"] = int(chunk.group(1)) if chunk else None
                 runs[setting].append(res)
                 print(f"round {rnd} {setting}: {runs[setting][-1]['avg_latency'] * 1e3:.1f} ms", flush=True)
-    records = pair_records(name, args.length, runs, method="vllm bench latency")
-    write_records(Path(args.out), records, "python scripts/bench_latency.py " + " ".join(sys.argv[1:]))
+    command = "python scripts/bench_latency.py " + " ".join(sys.argv[1:])
+    records = pair_records(name, args.length, runs, method="vllm bench latency", commit=commit(),
+                           date=time.strftime("%Y-%m-%d"), command=command)
+    write_records(Path(args.out), records, command)
+    if args.also_into:
+        merge_records(Path(args.also_into), records,
+                      key=("model", "method", "setting", "prompt_len", "max_num_batched_tokens"))
     print("| setting | TTFT ms | dense ms | speedup |\n|---|---|---|---|")
     for r in records:
         print(f"| {r['setting']} | {r['ttft_ms']:.1f} | {r.get('ttft_ms_dense', float('nan')):.1f} | "

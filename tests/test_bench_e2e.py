@@ -79,3 +79,18 @@ def test_model_args_real_weights_need_no_extra_server_args(tmp_path):
     add_model_args(ap)
     assert resolve_model(ap.parse_args(["--model", str(tmp_path / "qwen05")])) == (
         str(tmp_path / "qwen05"), "qwen05", [])
+
+
+def test_serve_runs_keep_the_latency_records_of_the_same_model(tmp_path):
+    from bench_e2e import measured_from_records, save
+
+    lat = {"model": "m", "method": "vllm bench latency", "setting": "dense", "prompt_len": 131072,
+           "ttft_ms": 10000.0}
+    results = {"records": [lat]}
+    measured = {"dense": _m({131072: 11000.0}, {131072: None})}
+    assert measured_from_records(results, "m") == {}  # latency records are not serve settings
+    save(tmp_path / "e2e.json", results, "m", measured)
+    recs = json.loads((tmp_path / "e2e.json").read_text())["records"]
+    assert lat in recs
+    (serve,) = [r for r in recs if r is not lat and r["method"] == "vllm bench serve"]
+    assert serve["ttft_ms"] == 11000.0

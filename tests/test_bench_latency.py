@@ -30,3 +30,22 @@ def test_pairs_medians_of_runs_with_dense():
     assert x["ttft_ms"] == pytest.approx(4200) and x["ttft_ms_dense"] == pytest.approx(10200)
     assert x["ttft_speedup"] == pytest.approx(10.2 / 4.2) and x["density"] is None
     assert x["max_num_batched_tokens"] == [16384] and x["knobs"] == {"ratio": 0.1}
+
+
+def test_records_merge_into_a_results_file_replacing_only_their_key(tmp_path):
+    import json
+
+    from bench_common import merge_records
+
+    key = ("model", "method", "setting", "prompt_len", "max_num_batched_tokens")
+    serve = {"model": "m", "method": "vllm bench serve", "setting": "dense", "prompt_len": 8, "ttft_ms": 1.0}
+    old = {"model": "m", "method": "vllm bench latency", "setting": "dense", "prompt_len": 8,
+           "max_num_batched_tokens": [8192], "ttft_ms": 2.0}
+    path = tmp_path / "e2e.json"
+    path.write_text(json.dumps({"note": "kept", "records": [serve, old]}))
+    new = dict(old, ttft_ms=3.0)
+    other_chunk = dict(old, max_num_batched_tokens=[16384], ttft_ms=4.0)
+    merge_records(path, [new, other_chunk], key)
+    got = json.loads(path.read_text())
+    assert got["note"] == "kept"
+    assert sorted(r["ttft_ms"] for r in got["records"]) == [1.0, 3.0, 4.0]
