@@ -31,11 +31,13 @@ def _ints(x) -> list[int]:
 def host_to_device(tensors: list[Tensor | None], device) -> list[Tensor | None]:
     """Small int32 host tensors on ``device``, in one copy staged through pinned memory.
 
-    A ``non_blocking`` copy from pageable memory waits for the stream's earlier work, and
-    vLLM's async scheduling builds step N+1's metadata while the GPU still runs step N: each
-    pageable copy there would stall the host until the GPU drains. Segments start at 16-byte
-    offsets so that Triton, which specialises kernels on pointer alignment, sees one
-    alignment for every step (no recompiles mid-serving). None entries stay None.
+    vLLM's async scheduling builds step N+1's metadata while the GPU still runs step N, so the
+    copy must not wait for the stream. CUDA only promises that for pinned memory (a pageable
+    ``cudaMemcpyAsync`` "might be synchronous"); on the H100 a 16 KB pageable copy did not wait
+    either (benchmarks/results/logs/pageable_vs_pinned_copy_h100.log), and served TTFT did not
+    change measurably, so this is one launch instead of ~9 and a guarantee, not a speedup.
+    Segments start at 16-byte offsets so that Triton, which specialises kernels on pointer
+    alignment, sees one alignment for every step. None entries stay None.
     """
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
