@@ -68,8 +68,9 @@ def plan_sparse_suffix(query_start_loc_cpu, seq_lens_cpu, cfg: XAttnConfig,
     plan's query rows are relative to the suffix's first token. ``tiles``: ``plan_prefill``'s
     tile arguments (``min_tiles`` from the builder; ``block_m`` / ``block_n`` in tests).
     """
-    first, skipped = _sparse_suffix(query_start_loc_cpu, seq_lens_cpu,
-                                    min_sparse_tokens=cfg.min_sparse_tokens, block_size=cfg.block_size)
+    qsl, lens = _ints(query_start_loc_cpu), _ints(seq_lens_cpu)  # one host conversion per step
+    first, skipped = _sparse_suffix(qsl, lens, min_sparse_tokens=cfg.min_sparse_tokens,
+                                    block_size=cfg.block_size)
     if skipped:
         # Never silent: the model runner put a short request after a long prefill (V2 sorts
         # prefills by length; the V1 runner does not), so that prefill runs dense this step.
@@ -79,9 +80,7 @@ def plan_sparse_suffix(query_start_loc_cpu, seq_lens_cpu, cfg: XAttnConfig,
             "orders long prefills last.")
     if first is None:
         return None
-    qsl = _ints(query_start_loc_cpu)
-    plan = plan_prefill([x - qsl[first] for x in qsl[first:]],
-                        _ints(seq_lens_cpu)[first:],
+    plan = plan_prefill([x - qsl[first] for x in qsl[first:]], lens[first:],
                         block_size=cfg.block_size, stride=cfg.stride, **tiles)
     return first, plan
 
