@@ -352,7 +352,7 @@ def densest_page_lists(plan, *, selection_heads: int, page_size: int, max_keys: 
     causal key of each mini-request's query block, for ``heads`` selection heads per launch,
     the largest divisor of ``selection_heads`` (at most ``max_heads``) whose lists stay within
     ``max_keys`` keys. Returns (heads, kv_indptr [heads * TQB + 1], last_page_len [heads * TQB])."""
-    keys = plan.row_block.cpu().to(torch.int64) * plan.block_size + plan.row_last_len.cpu().to(torch.int64)
+    keys = plan.row_causal_keys()
     pages = (keys + page_size - 1) // page_size
     per_head = int(pages.sum()) * page_size
     max_heads = selection_heads if max_heads is None else max_heads

@@ -97,6 +97,11 @@ class XAttnPlan:
         (syncs if the plan is on the device)."""
         return int((self.row_block.to(torch.int64) + 1).sum())
 
+    def row_causal_keys(self) -> Tensor:
+        """int64 [TQB] on the host: keys of every causal block of each packed row up to its
+        block's last query (the densest mini-request's key count)."""
+        return self.row_block.cpu().to(torch.int64) * self.block_size + self.row_last_len.cpu().to(torch.int64)
+
     def mini_cu_seqlens_q(self, num_heads: int) -> Tensor:
         """cu_seqlens_q [num_heads * TQB + 1] of mini-requests ordered (head, packed row), for a
         query laid out head-major ``(num_heads * T, G, D)`` (see ``query_index``)."""
@@ -120,8 +125,7 @@ class XAttnPlan:
         [num_heads * TQB] (its query rows): FA3 reads the offsets from cu_seqlens_q and the
         lengths from seqused_q."""
         rs = self.row_q_start.cpu().to(torch.int64)
-        keys = self.row_block.cpu().to(torch.int64) * self.block_size + self.row_last_len.cpu()
-        order = torch.sort(keys, descending=True, stable=True).indices
+        order = torch.sort(self.row_causal_keys(), descending=True, stable=True).indices
         row_pos = torch.empty_like(order)
         row_pos[order] = torch.arange(order.numel())
         seqused_q = (rs[1:] - rs[:-1])[order].repeat(num_heads)

@@ -75,7 +75,7 @@ def run_in_order(q_hm, k_pages, v_pages, lists, order, B, d, times, name):
 
 def compare_orders(q, kv, bt, cu_q, sl, sels, base_rec):
     """Records for one set of inputs (one request, whole blocks): each selection in ``sels``
-    run in the three orders, outputs checked identical, each order timed next to dense FA3."""
+    run in every order above, outputs checked identical, each order timed next to dense FA3."""
     from vllm.vllm_flash_attn import flash_attn_varlen_func
 
     n, hq, d = q.shape
