@@ -53,7 +53,7 @@ def analyze_layer(path, settings, dense_ms_cache, timing: bool):
         mask = masks_from_selection(counts, ids, plan)[0]
         mask_ref = ref.select_blocks([want], threshold=tau)[0].cpu()
         rows_diff = int((mask != mask_ref).any(-1).sum())
-        cand = sum(i + 1 for i in range(plan.row_block.numel())) * hq
+        cand = plan.causal_blocks() * hq
         rec = dict(layer=cap["layer"], stride=stride, threshold=tau, seq_len=n,
                    density=int(counts.sum()) / cand, max_rel_score_err=err,
                    selection_rows=mask.shape[0] * mask.shape[1],

@@ -113,6 +113,12 @@ def measure_setting(model: str, setting: str, server: list[str], args, log_dir: 
 # (scripts/bench_latency.py --also-into), which this script keeps as they are.
 METHOD = "vllm bench serve"
 
+
+def _is_serve(record: dict) -> bool:
+    """Whether a record is this script's (records from before ``method`` existed are)."""
+    return record.get("method", METHOD) == METHOD
+
+
 # Per-setting fields that travel with each record: where and how that setting was measured.
 PROVENANCE = ("commit", "date", "command", "mixed_note", "density_logged")
 SERVING = ("decode_tok_s", "decode_tpot_ms", "mixed_mean_ttft_ms", "mixed_tok_s")
@@ -124,7 +130,7 @@ def measured_from_records(results: dict, name: str) -> dict:
     without their own commit / date take the file's."""
     measured = {}
     for r in results.get("records", []):
-        if r.get("model") != name or r.get("method", METHOD) != METHOD:
+        if r.get("model") != name or not _is_serve(r):
             continue
         m = measured.setdefault(r["setting"], dict(
             ttft={}, density={}, density_per_layer={},
@@ -165,13 +171,12 @@ def save(out: Path, results: dict, name: str, measured: dict) -> list[dict]:
     """Write ``out``: other models' records as they were, this model's from ``measured``,
     the file's hand-written "note" kept; and the TTFT plot beside it."""
     old = results.get("records", [])
-    records = [r for r in old if r.get("model") != name or r.get("method", METHOD) != METHOD] + \
-        to_records(name, measured)
+    records = [r for r in old if r.get("model") != name or not _is_serve(r)] + to_records(name, measured)
     write_records(out, records, "python scripts/bench_e2e.py " + " ".join(sys.argv[1:]),
                   **{k: results[k] for k in ("note",) if k in results})
     series = {}
     for r in records:
-        if r.get("method", METHOD) == METHOD:
+        if _is_serve(r):
             series.setdefault(f"{r['model']} {r['setting']}", []).append((r["prompt_len"], r["ttft_ms"] / 1000))
     line_plot(out.with_suffix(".png"), series, xlabel="prompt tokens", ylabel="TTFT (s)")
     return records
@@ -238,7 +243,7 @@ def main():
     print("\n| model | setting | prompt | density | TTFT ms | dense ms | speedup |")
     print("|---|---|---|---|---|---|---|")
     for r in records:
-        if r["model"] == name and r.get("method", METHOD) == METHOD:
+        if r["model"] == name and _is_serve(r):
             dens = "n/a" if r["density"] is None else f"{r['density']:.3f}"
             print(f"| {name} | {r['setting']} | {r['prompt_len']} | {dens} | {r['ttft_ms']:.1f} | "
                   f"{r.get('ttft_ms_dense', float('nan')):.1f} | {r.get('ttft_speedup', float('nan')):.2f}x |")
