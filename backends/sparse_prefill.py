@@ -156,6 +156,7 @@ class ScratchPool:
             FlashInferContext.reserve(device, dtype=dtype, head_dim=head_dim, page_size=page_size)
         self.q = torch.empty(max_tokens * num_q_heads * head_dim, dtype=dtype, device=device)
         self.out = torch.empty_like(self.q)
+        self.warmed = False  # kernels compiled on this pool (backends/warmup.py)
 
     @classmethod
     def get(cls, **kw) -> "ScratchPool":

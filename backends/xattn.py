@@ -29,6 +29,7 @@ from vllm_xattn.backends.sparse_prefill import (
     SparseStep,
     plan_sparse_suffix,
 )
+from vllm_xattn.backends.warmup import warm_up_sparse_path
 from vllm_xattn.config import XAttnConfig, load_threshold_table, xattn_config_from_vllm
 from vllm_xattn.kernels import min_scoring_tiles
 
@@ -245,15 +246,27 @@ class XAttentionImpl(FlashAttentionImpl):
                                      num_kv_heads=self.num_kv_heads, head_dim=self.head_size,
                                      scale=self.scale, thresholds=thresholds)
 
-    def _scratch(self, device: torch.device, dtype: torch.dtype) -> ScratchPool:
+    def _scratch(self, query: torch.Tensor) -> ScratchPool:
+        """The process's scratch pool; whoever creates it (normally the memory-profiling pass)
+        also compiles the sparse path's kernels on it (``warmup.py``)."""
         if self._pool is not None:
             return self._pool
         cfg = self._vllm_config
+        page_size = cfg.cache_config.block_size
         self._pool = ScratchPool.get(
             max_tokens=cfg.scheduler_config.max_num_batched_tokens,
             max_reqs=cfg.scheduler_config.max_num_seqs, max_seq_len=cfg.model_config.max_model_len,
-            num_q_heads=self.num_heads, head_dim=self.head_size, dtype=dtype, cfg=self.xattn,
-            page_size=cfg.cache_config.block_size, device=device, executor=self.executor)
+            num_q_heads=self.num_heads, head_dim=self.head_size, dtype=query.dtype, cfg=self.xattn,
+            page_size=page_size, device=query.device, executor=self.executor)
+        if not self._pool.warmed:
+            self._pool.warmed = True
+            kv_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(self.kv_cache_dtype, query.dtype)
+            executor = make_executor(self.executor, num_q_heads=self.num_heads, head_dim=self.head_size,
+                                     page_size=page_size, q_dtype=query.dtype, kv_dtype=kv_dtype)
+            warm_up_sparse_path(
+                self._sparse, self._pool, query, executor=executor, page_size=page_size, kv_dtype=kv_dtype,
+                max_model_len=cfg.model_config.max_model_len,
+                selection_heads=self.num_kv_heads if self.xattn.granularity == "kv_group" else self.num_heads)
         return self._pool
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
@@ -265,7 +278,7 @@ class XAttentionImpl(FlashAttentionImpl):
             # Memory-profiling run (no KV cache yet): reserve the sparse path's scratch now
             # so that vLLM counts it and sizes the KV cache around it.
             if self._sparse is not None:
-                self._scratch(query.device, query.dtype)
+                self._scratch(query)
         elif sparse_step is not None and self._sparse is not None:
             if attn_metadata.dense is not None:  # rows [0, tok_start): stock FA
                 super().forward(layer, query, key, value, kv_cache, attn_metadata.dense, output,
@@ -273,7 +286,7 @@ class XAttentionImpl(FlashAttentionImpl):
             logger.info_once("XATTN sparse prefill running")
             counts = self._sparse.run(query, kv_cache, sparse_step,
                                       output.view(-1, self.num_heads, self.head_size),
-                                      self._scratch(query.device, query.dtype))
+                                      self._scratch(query))
             if (log := density_log()) is not None:
                 log.record(self._layer_index if self._layer_index is not None else -1,
                            sparse_step.tok_end - sparse_step.tok_start, self._head_offset,

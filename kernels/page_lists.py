@@ -46,8 +46,9 @@ class PageCSR:
     last_page_len: Tensor  # int32 [M], 1..page_size: keys used in each list's last page
 
 
-# Per-step ints and strides are not specialised on: no recompiles for new batch shapes.
-@triton.jit(do_not_specialize=["tqb", "h_first", "s_ch", "s_ih", "s_ir"])
+# Per-step ints and strides are not specialised on: no recompiles for new batch shapes; nor
+# is the block table's row stride (see scoring.py).
+@triton.jit(do_not_specialize=["tqb", "h_first", "s_ch", "s_ih", "s_ir", "s_bt"])
 def _page_list_kernel(
     cnt_ptr, ids_ptr, bt_ptr, row_req_ptr, row_last_len_ptr, req_ptr, pt_ptr, sk_ptr, indptr_ptr,
     row_pos_ptr, tqb, spp, head_div, h_first,

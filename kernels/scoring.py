@@ -26,8 +26,9 @@ _LOG2E = 1.4426950408889634
 
 
 # Per-step ints (work count, key-tile bound) are not specialised on, so a new batch shape
-# never triggers a recompile mid-serving.
-@triton.jit(do_not_specialize=["n_work", "max_kt"])
+# never triggers a recompile mid-serving; nor is the block table's row stride (vLLM's table
+# width), so the warm-up's own table compiles the same kernel (backends/warmup.py).
+@triton.jit(do_not_specialize=["n_work", "max_kt", "s_bt"])
 def _score_kernel(
     q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_ptr, queue_ptr,
     n_work, num_q_heads, group,

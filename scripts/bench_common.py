@@ -94,6 +94,28 @@ def dense_fa3(q, kv_cache, block_table, cu_q, seq_lens, out=None):
     return run
 
 
+def time_interleaved(fns: dict, *, rounds: int = 5, rep: int = 25, bench=None) -> dict[str, list[float]]:
+    """Per name, the ``do_bench`` median (ms) of ``fns[name]`` in each of ``rounds`` rounds.
+    Every round times all functions, in an order rotated by one each round, so clock and
+    thermal drift over the run lands on all of them alike: compare medians, or ratios taken
+    within a round (a single ``do_bench`` per case moved shares by up to 0.15 between runs)."""
+    if bench is None:
+        from triton.testing import do_bench
+        bench = lambda fn: do_bench(fn, warmup=2, rep=rep)  # noqa: E731
+    names = list(fns)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(rounds):
+        for k in names[r % len(names):] + names[: r % len(names)]:
+            times[k].append(float(bench(fns[k])))
+    return times
+
+
+def median(xs) -> float:
+    xs = sorted(xs)
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+
+
 def causal_flops(query_lens, seq_lens, num_q_heads, head_dim) -> float:
     """FLOPs of exact causal attention (QK^T and PV) for queries at the end of each sequence."""
     total = 0.0

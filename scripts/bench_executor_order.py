@@ -18,13 +18,17 @@ several orders, same run (H100):
   runs now (``plan.mini_requests_longest_first``; for one request without context it is
   exactly the per-head reversal timed here).
 - ``group-interleaved-blocks-descending``: group-interleaved with the query blocks descending
-  (both effects at once).
+  (both effects at once), KV head outermost; ``blocks-descending-group-interleaved``: the
+  same with the query block outermost (all heads of the last query block first).
 
     python scripts/bench_executor_order.py --out benchmarks/results/executor_order_h100.json
 
 One request with no context and whole blocks (every mini-request 128 query rows), per-query-head
-ratio selection; outputs of all orders must be identical (checked), then timed with
-triton.testing.do_bench next to dense FA3. Random inputs make heads' selections nearly
+ratio selection; outputs of all orders must be identical (checked), then all orders and dense
+FA3 are timed with triton.testing.do_bench in --rounds interleaved rounds; a share is taken
+within each round and the record keeps the median (and every round's times). --topks K...
+adds top-k selections, which give every mini-request min(K, causal) key blocks: the share as a
+function of the list length each FA3 tile walks. Random inputs make heads' selections nearly
 independent, which understates what real attention (shared sink / local / stripe blocks)
 would share; --threshold adds threshold cases on the same random inputs. --capture DIR runs
 the same comparison on Q/K/V captured from a real model (scripts/capture_qkv.py; every
@@ -38,11 +42,12 @@ import sys
 from pathlib import Path
 
 import torch
-from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_attention import executor_flops  # noqa: E402
-from bench_common import SHAPES, causal_flops, dense_fa3, paged_inputs, write_records  # noqa: E402
+from bench_common import (  # noqa: E402
+    SHAPES, causal_flops, dense_fa3, median, paged_inputs, time_interleaved, write_records,
+)
 
 from vllm_xattn.backends.executors import fa3_varlen_paged  # noqa: E402
 from vllm_xattn.config import XAttnConfig  # noqa: E402
@@ -52,10 +57,10 @@ from vllm_xattn.kernels import (  # noqa: E402
 )
 
 
-def run_in_order(q_hm, k_pages, v_pages, lists, order, B, d, times, name):
-    """Runs the head-major mini-requests in ``order`` (FA3 takes each start from
-    ``cu_seqlens_q`` and its length from ``seqused_q``, so starts need not be sorted), times it
-    into ``times[name]`` and returns the output (head-major rows)."""
+def in_order(q_hm, k_pages, v_pages, lists, order, B, d):
+    """(output, launch) running the head-major mini-requests in ``order`` (FA3 takes each start
+    from ``cu_seqlens_q`` and its length from ``seqused_q``, so starts need not be sorted); the
+    output is in head-major rows whatever the order."""
     M = order.numel()
     total = torch.full((1,), M * B, dtype=torch.int32, device="cuda")  # batch + 1 entries
     cu = torch.cat([lists.cu_seqlens_q[:-1][order], total])
@@ -68,14 +73,13 @@ def run_in_order(q_hm, k_pages, v_pages, lists, order, B, d, times, name):
                                 max_seqlen_q=B, seqused_k=used_k, max_seqlen_k=lists.max_seqlen_k,
                                 block_table=pt, softmax_scale=d ** -0.5)
 
-    run()
-    times[name] = do_bench(run, warmup=3, rep=40)
-    return out
+    return out, run
 
 
-def compare_orders(q, kv, bt, cu_q, sl, sels, base_rec):
+def compare_orders(q, kv, bt, cu_q, sl, sels, base_rec, *, rounds):
     """Records for one set of inputs (one request, whole blocks): each selection in ``sels``
-    run in every order above, outputs checked identical, each order timed next to dense FA3."""
+    run in every order above, outputs checked identical, then all orders and dense FA3 timed
+    in ``rounds`` interleaved rounds (``bench_common.time_interleaved``)."""
     from vllm.vllm_flash_attn import flash_attn_varlen_func
 
     n, hq, d = q.shape
@@ -83,7 +87,7 @@ def compare_orders(q, kv, bt, cu_q, sl, sels, base_rec):
     G, B = hq // hkv, 128
     S = XAttnConfig().stride
     assert n % B == 0
-    dense_ms = do_bench(dense_fa3(q, kv, bt, cu_q, sl), warmup=3, rep=40)
+    dense = dense_fa3(q, kv, bt, cu_q, sl)
     dense_fl = causal_flops([n], [n], hq, d)
     plan = plan_prefill(cu_q, sl, block_size=B, stride=S).to("cuda")
     a = antidiagonal_scores_paged(q, kv, bt, plan)
@@ -96,34 +100,37 @@ def compare_orders(q, kv, bt, cu_q, sl, sels, base_rec):
     perm = ((hk_ * G + g_) * R + r_).reshape(-1).cuda()
     q_gi = q_hm.view(M, B, 1, d)[perm].reshape(M * B, 1, d)
     k_pages, v_pages, _ = folded_kv_views(kv)
+    # Orders over the head-major query left in place (outputs compared in head-major order).
+    qb_desc = (torch.arange(M, device="cuda").view(hq, R).flip(1)).reshape(-1)
+    perm_desc = ((hk_ * G + g_) * R + (R - 1 - r_)).reshape(-1).cuda()  # groups, blocks descending
+    # blocks descending outermost, then KV head, then head in group
+    desc_gi = ((hk_ * G + g_) * R + (R - 1 - r_)).permute(1, 0, 2).reshape(-1).cuda()
     records = []
     for sel in sels:
         cfg = XAttnConfig(**sel)
         counts, ids = select_blocks_packed(a, plan, mode=cfg.selection, threshold=cfg.threshold,
-                                           ratio=cfg.ratio)
+                                           ratio=cfg.ratio, topk=cfg.topk)
         lists = build_page_lists(counts, ids, bt, kv, plan)
         fl = executor_flops(lists, 1, d)
-        orders = {
-            "head-major": (q_hm, lists.page_table, lists.seqused_k, lists.cu_seqlens_q),
-            "group-interleaved": (q_gi, lists.page_table[perm].contiguous(), lists.seqused_k[perm].contiguous(),
-                                  torch.arange(M + 1, device="cuda", dtype=torch.int32) * B),
-        }
-        outs, times = {}, {}
-        # Execution orders over the head-major query left in place (starts unsorted, lengths
-        # via seqused_q); outputs are compared in head-major order.
-        qb_desc = (torch.arange(M, device="cuda").view(hq, R).flip(1)).reshape(-1)
         longest = torch.sort(lists.seqused_k.long(), descending=True, stable=True).indices
-        perm_desc = ((hk_ * G + g_) * R + (R - 1 - r_)).reshape(-1).cuda()  # groups, blocks descending
+        outs, fns = {}, {"dense": dense}
         for name, order in (("group-interleaved-seqused-q", perm),
                             ("head-major-blocks-descending", qb_desc),
                             ("longest-first", longest),
-                            ("group-interleaved-blocks-descending", perm_desc)):
+                            ("group-interleaved-blocks-descending", perm_desc),
+                            ("blocks-descending-group-interleaved", desc_gi)):
             try:
-                o_hm = run_in_order(q_hm, k_pages, v_pages, lists, order, B, d, times, name)
+                o_hm, fns[name] = in_order(q_hm, k_pages, v_pages, lists, order, B, d)
+                fns[name]()
                 outs[name] = o_hm.view(M, B, 1, d)
             except Exception as e:  # the op's signature or seqused_q support differs
+                fns.pop(name, None)
                 print(f"{name} failed: {type(e).__name__}: {e}", flush=True)
-        for name, (qq, pt, used, cu) in orders.items():
+        for name, (qq, pt, used, cu) in {
+            "head-major": (q_hm, lists.page_table, lists.seqused_k, lists.cu_seqlens_q),
+            "group-interleaved": (q_gi, lists.page_table[perm].contiguous(), lists.seqused_k[perm].contiguous(),
+                                  torch.arange(M + 1, device="cuda", dtype=torch.int32) * B),
+        }.items():
             o = torch.empty_like(qq)
 
             def run(qq=qq, pt=pt, used=used, cu=cu, o=o):
@@ -133,18 +140,26 @@ def compare_orders(q, kv, bt, cu_q, sl, sels, base_rec):
                     causal=True, block_table=pt, fa_version=3, out=o, num_splits=1)
 
             run()
-            outs[name] = o.view(M, B, 1, d)
-            times[name] = do_bench(run, warmup=3, rep=40)
+            outs[name], fns[name] = o.view(M, B, 1, d), run
         same = bool(torch.equal(outs["group-interleaved"], outs["head-major"][perm]))
         same = same and all(torch.equal(o, outs["head-major"]) for k, o in outs.items()
                             if k not in ("head-major", "group-interleaved"))
+        times = time_interleaved(fns, rounds=rounds)
+        # share of dense throughput within each round, then the median over rounds
+        shares = {k: [(fl / t) / (dense_fl / td) for t, td in zip(ts, times["dense"])]
+                  for k, ts in times.items() if k != "dense"}
         density = int(counts.sum()) / (plan.causal_blocks() * hq)
+        minis = lists.seqused_k.double() / B
         rec = dict(**base_rec, seq_len=n, stride=S, **sel, density=density,
-                   identical_outputs=same, dense_fa3_ms=dense_ms, dense_tflops=dense_fl / dense_ms / 1e9,
-                   **{f"{k}_ms": v for k, v in times.items()},
-                   **{f"{k}_share_of_dense_throughput": (fl / v) / (dense_fl / dense_ms) for k, v in times.items()})
+                   mean_blocks_per_mini_request=float(minis.mean()), rounds=rounds,
+                   identical_outputs=same, dense_fa3_ms=median(times["dense"]),
+                   dense_tflops=dense_fl / median(times["dense"]) / 1e9,
+                   **{f"{k}_ms": median(v) for k, v in times.items() if k != "dense"},
+                   **{f"{k}_share_of_dense_throughput": median(v) for k, v in shares.items()},
+                   round_ms=times)
         records.append(rec)
-        print(rec, flush=True)
+        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in rec.items() if k != "round_ms"},
+              flush=True)
     return records
 
 
@@ -154,6 +169,10 @@ def main():
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.35])
     ap.add_argument("--thresholds", type=float, nargs="*", default=[])
+    ap.add_argument("--topks", type=int, nargs="*", default=[],
+                    help="also top-k selections: every mini-request min(k, causal) blocks long, "
+                         "the executor's share as a function of the per-mini-request key count")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per case")
     ap.add_argument("--capture", help="a scripts/capture_qkv.py folder: real Q/K/V instead of random")
     ap.add_argument("--layer-step", type=int, default=4, help="with --capture: every n-th layer")
     args = ap.parse_args()
@@ -169,14 +188,17 @@ def main():
             kv, bt = make_paged_cache(k, v, cu, 16, generator=torch.Generator().manual_seed(0))
             records += compare_orders(q, kv, bt, cu, torch.tensor([n], dtype=torch.int32), sels,
                                       dict(inputs=f"captured {path.name}", num_q_heads=q.shape[1],
-                                           num_kv_heads=k.shape[1], head_dim=q.shape[2]))
+                                           num_kv_heads=k.shape[1], head_dim=q.shape[2]),
+                                      rounds=args.rounds)
             torch.cuda.empty_cache()
     else:
         dims = SHAPES["llama-3.1-8b"]
         sels = [dict(selection="ratio", ratio=x) for x in args.ratios] + [dict(threshold=t) for t in args.thresholds]
+        sels += [dict(selection="topk", topk=k) for k in args.topks]
         for n in args.seq_lens:
             q, kv, bt, cu_q, sl = paged_inputs([n], [n], **dims)
-            records += compare_orders(q, kv, bt, cu_q, sl, sels, dict(shape="llama-3.1-8b", inputs="random"))
+            records += compare_orders(q, kv, bt, cu_q, sl, sels, dict(shape="llama-3.1-8b", inputs="random"),
+                                      rounds=args.rounds)
             del q, kv
             torch.cuda.empty_cache()
     write_records(Path(args.out), records, "python scripts/bench_executor_order.py " + " ".join(sys.argv[1:]))

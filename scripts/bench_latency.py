@@ -42,6 +42,12 @@ def latency_command(model: str, setting: str, *, length: int, iters: int, warmup
     return cmd + backend_args(None if setting == "dense" else json.loads(setting))
 
 
+def jit_compiles(log: str) -> list[str]:
+    """Triton kernels that vLLM's JIT monitor saw compile after the engine's warm-up (a latency
+    spike in a request; each variant is warned about once)."""
+    return re.findall(r"Triton kernel JIT compilation during inference: (\w+)", log)
+
+
 def pair_records(name: str, length: int, runs: dict[str, list[dict]], **common) -> list[dict]:
     """Per setting: the median of its runs' average latencies (ms), paired with dense."""
     ttft = {s: statistics.median(r["avg_latency"] for r in rs) * 1e3 for s, rs in runs.items()}
@@ -53,6 +59,7 @@ def pair_records(name: str, length: int, runs: dict[str, list[dict]], **common) 
                    run_avg_ms=[r["avg_latency"] * 1e3 for r in rs],
                    latencies_ms=[[x * 1e3 for x in r["latencies"]] for r in rs],
                    max_num_batched_tokens=sorted({r.get("max_num_batched_tokens") for r in rs}, key=str),
+                   jit_compiles_during_inference=[r.get("jit_compiles_during_inference") for r in rs],
                    density=1.0 if setting == "dense" else None, **common)
         if dense is not None:
             rec.update(ttft_ms_dense=dense, ttft_speedup=dense / ttft[setting])
@@ -71,6 +78,7 @@ def main():
     ap.add_argument("--max-num-batched-tokens", type=int, default=None,
                     help="chunk size (default: the offline LLM default)")
     ap.add_argument("--out", default="benchmarks/results/latency_h100.json")
+    ap.add_argument("--logs", metavar="DIR", help="keep each engine's console output here")
     ap.add_argument("--also-into", metavar="RESULTS_JSON",
                     help="also put the records into this results file (e.g. "
                          "benchmarks/results/e2e_h100.json), replacing the same setting / length / chunk")
@@ -90,9 +98,14 @@ def main():
                 if proc.returncode:
                     raise RuntimeError(f"{setting}: vllm bench latency failed:\n{proc.stderr[-4000:]}")
                 res = json.loads(Path(out_json).read_text())
+                log = proc.stdout + proc.stderr
+                if args.logs:
+                    Path(args.logs).mkdir(parents=True, exist_ok=True)
+                    (Path(args.logs) / f"round{rnd}_setting{i}.log").write_text(log)
                 # The chunk size the engine really ran (its log line), not the flag.
-                chunk = re.search(r"max_num_batched_tokens=(\d+)", proc.stdout + proc.stderr)
+                chunk = re.search(r"max_num_batched_tokens=(\d+)", log)
                 res["max_num_batched_tokens"] = int(chunk.group(1)) if chunk else None
+                res["jit_compiles_during_inference"] = jit_compiles(log)
                 runs[setting].append(res)
                 print(f"round {rnd} {setting}: {runs[setting][-1]['avg_latency'] * 1e3:.1f} ms", flush=True)
     command = "python scripts/bench_latency.py " + " ".join(sys.argv[1:])

@@ -156,7 +156,7 @@ def dispatch(monkeypatch):
         def run(self, query, kv_cache, step, output, pool):
             rec.calls.append(("sparse", step, output.shape))
 
-    monkeypatch.setattr(type(impl), "_scratch", lambda self, device, dtype: rec.calls.append(("scratch",)))
+    monkeypatch.setattr(type(impl), "_scratch", lambda self, query: rec.calls.append(("scratch",)))
     return impl, FakeSparse(), rec
 
 
@@ -286,3 +286,27 @@ def test_plan_to_carries_extra_tensors_and_nones():
     assert none is None and torch.equal(got, extra)
     assert torch.equal(moved.row_q_start, plan.row_q_start) and moved.num_tiles == plan.num_tiles
     assert plan.to("cpu").total_q_blocks == plan.total_q_blocks  # no extras: just the plan
+
+
+def test_scratch_compiles_the_sparse_path_once_per_pool(monkeypatch):
+    """Whoever creates the process's scratch pool (the memory-profiling pass) warms the kernels
+    up on it, once: the other layers share the pool and skip it."""
+    from types import SimpleNamespace
+
+    from vllm_xattn.backends import xattn
+
+    pool = SimpleNamespace(warmed=False)
+    monkeypatch.setattr(xattn.ScratchPool, "get", classmethod(lambda cls, **kw: pool))
+    calls = []
+    monkeypatch.setattr(xattn, "warm_up_sparse_path", lambda *a, **kw: calls.append(kw))
+    cfg = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_batched_tokens=8192, max_num_seqs=16),
+                          model_config=SimpleNamespace(max_model_len=65536),
+                          cache_config=SimpleNamespace(block_size=16))
+    query = torch.zeros(10, 8, 64, dtype=torch.bfloat16)
+    for layer in range(3):
+        impl = _impl()
+        impl._vllm_config, impl._sparse = cfg, object()
+        assert impl._scratch(query) is pool and impl._scratch(query) is pool
+    assert pool.warmed and len(calls) == 1
+    assert calls[0]["max_model_len"] == 65536 and calls[0]["page_size"] == 16
+    assert calls[0]["selection_heads"] == 8 and calls[0]["kv_dtype"] == torch.bfloat16

@@ -49,3 +49,14 @@ def test_records_merge_into_a_results_file_replacing_only_their_key(tmp_path):
     got = json.loads(path.read_text())
     assert got["note"] == "kept"
     assert sorted(r["ttft_ms"] for r in got["records"]) == [1.0, 3.0, 4.0]
+
+
+def test_jit_compiles_reads_vllms_jit_monitor_warnings():
+    from bench_latency import jit_compiles
+
+    log = ("INFO Kernel JIT monitor activated; monitored JIT compilations during inference will use mode=warn.\n"
+           "WARNING 11-23 [jit_monitor.py:135] Triton kernel JIT compilation during inference: _score_kernel "
+           "(constants={B=128}). This causes a latency spike; consider extending warmup to cover this shape/config.\n"
+           "WARNING Triton kernel JIT compilation during inference: _select_kernel. This causes ...\n")
+    assert jit_compiles(log) == ["_score_kernel", "_select_kernel"]
+    assert jit_compiles("INFO XATTN sparse prefill running\n") == []

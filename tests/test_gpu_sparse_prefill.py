@@ -230,3 +230,53 @@ def test_host_to_device_is_one_aligned_copy_that_does_not_wait_for_the_stream():
     assert dev[1] is None
     for h, d in zip(host, [dev[0], *dev[2:]]):
         assert torch.equal(d.cpu(), h) and d.data_ptr() % 16 == 0
+
+
+@pytest.mark.parametrize("executor", ["fa3", "flashinfer"])
+def test_warm_up_leaves_nothing_to_compile_for_serving(monkeypatch, executor):
+    """After the warm-up (what the backend runs in vLLM's memory-profiling pass), sparse steps of
+    other lengths, tile heights, block-table widths and cache sizes compile no Triton kernel:
+    the hook vLLM's JIT monitor uses after its own warm-up stays silent."""
+    from triton import knobs
+
+    from vllm_xattn.backends.executors import make_executor
+    from vllm_xattn.backends.warmup import warm_up_sparse_path, warmup_shapes
+    from vllm_xattn.kernels import layout, page_lists, scoring, selection
+    from vllm_xattn.kernels.plan import min_scoring_tiles
+
+    hq, hkv, d, page, max_len, max_tokens = 8, 2, 128, 16, 40000, 16384
+    cfg = XAttnConfig(min_sparse_tokens=4096)
+    for k in (scoring._score_kernel, selection._select_kernel, page_lists._page_list_kernel,
+              page_lists._csr_lengths_kernel, layout._copy_tokens_heads_kernel):
+        k.device_caches.clear()  # as in a fresh process (Triton's disk cache still fires the hook)
+    compiled = []
+    monkeypatch.setattr(knobs.runtime, "jit_post_compile_hook",
+                        lambda **kw: compiled.append(kw["fn"].name))
+    ex = make_executor(executor, num_q_heads=hq, head_dim=d, page_size=page, q_dtype=torch.bfloat16,
+                       kv_dtype=torch.bfloat16)
+    pool = ScratchPool(max_tokens=max_tokens, max_reqs=4, max_seq_len=max_len, num_q_heads=hq, head_dim=d,
+                       dtype=torch.bfloat16, cfg=cfg, page_size=page, device=torch.device("cuda"),
+                       executor=executor)
+    sp = SparsePrefill(cfg, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, scale=d ** -0.5, thresholds=None)
+    # the layer's query as vLLM hands it over: a strided view of the fused qkv projection
+    qkv = torch.randn(max_tokens, (hq + 2 * hkv) * d, device="cuda").to(torch.bfloat16)
+    query = qkv[:, : hq * d].view(max_tokens, hq, d)
+    ran = warm_up_sparse_path(sp, pool, query, executor=ex, page_size=page, kv_dtype=torch.bfloat16,
+                              max_model_len=max_len, selection_heads=hq)
+    assert ran == len(warmup_shapes(cfg, max_model_len=max_len)) > 0
+    assert {"_score_kernel", "_select_kernel", "_page_list_kernel", "_copy_tokens_heads_kernel"} <= set(compiled)
+    compiled.clear()
+    min_tiles = min_scoring_tiles(torch.cuda.get_device_properties(0).multi_processor_count, hq)
+    for reqs in ([(max_tokens, max_tokens)],  # a fresh 16K prompt
+                 [(4096, 4096 + 20000)],  # a chunk with context: more key blocks
+                 [(700, 39000), (1500, 5200), (3000, 9000)],  # several requests, partial blocks
+                 [(128, 4200)]):  # one query block: the smallest scoring tiles
+        q, k, v, cu_q, cu_k, n, kv_cache, bt = _problem(hq, hkv, d, page, reqs)
+        bt = torch.cat([bt, torch.zeros(bt.shape[0], 3, dtype=bt.dtype, device=bt.device)], 1)  # odd width
+        plan = plan_prefill(cu_q, n, block_size=cfg.block_size, stride=cfg.stride, min_tiles=min_tiles)
+        step = SparseStep.from_host_plan(plan, block_table=bt, tok_start=0, tok_end=int(cu_q[-1]),
+                                         selection_heads=hq, device="cuda", executor=ex)
+        qv = torch.randn(q.shape[0], (hq + 2 * hkv) * d, device="cuda").to(torch.bfloat16)[:, : hq * d]
+        sp.run(qv.view(-1, hq, d), kv_cache, step, torch.empty_like(q), pool)
+    torch.cuda.synchronize()
+    assert compiled == [], f"compiled during serving: {compiled}"
