@@ -46,7 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_attention import executor_flops  # noqa: E402
 from bench_common import (  # noqa: E402
-    SHAPES, causal_flops, dense_fa3, median, paged_inputs, time_interleaved, write_records,
+    SHAPES, causal_flops, dense_fa3, line_plot, median, paged_inputs, time_interleaved, write_records,
 )
 
 from vllm_xattn.backends.executors import fa3_varlen_paged  # noqa: E402
@@ -202,6 +202,24 @@ def main():
             del q, kv
             torch.cuda.empty_cache()
     write_records(Path(args.out), records, "python scripts/bench_executor_order.py " + " ".join(sys.argv[1:]))
+    plot(records, Path(args.out).with_suffix(".png"))
+
+
+# The order XATTN runs (plan.mini_requests_longest_first; this one for a request without context).
+DEFAULT_ORDER = "head-major-blocks-descending"
+
+
+def plot(records, path):
+    """Share of dense FA3 throughput against the mean key blocks per mini-request, XATTN's order."""
+    key = f"{DEFAULT_ORDER}_share_of_dense_throughput"
+    series = {}
+    for r in records:
+        if key in r:
+            kind = "top-k" if r.get("selection") == "topk" else r.get("selection", "threshold")
+            series.setdefault(f"{r['seq_len'] // 1024}K, {kind}", []).append(
+                (r["mean_blocks_per_mini_request"], r[key]))
+    line_plot(path, series, xlabel="mean key blocks per mini-request (FA3 tile)",
+              ylabel="share of dense FA3 throughput", hlines=(0.9,))
 
 
 if __name__ == "__main__":
