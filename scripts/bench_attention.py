@@ -8,7 +8,10 @@ come from threshold selection on the inputs. Random inputs attend nearly uniform
 threshold cases here are dense-ish; real-model densities need captured Q/K. Records carry
 the executor (``fa3`` / ``flashinfer``), its kernel time alone on the same page lists and its
 effective TFLOP/s on the selected blocks next to dense FA3's, and the executor's host plan time
-per scheduler step (``plan_ms``: FlashInfer's ``plan()``; FA3 plans nothing).
+per scheduler step (``plan_ms``: FlashInfer's ``plan()``; FA3 plans nothing). Dense FA3, the
+layer and the executor are timed in ``--rounds`` interleaved rounds per case; ``speedup`` and
+the executor's share of dense throughput are medians of the ratios within each round (single
+do_bench calls per case had moved the share by up to 0.15 between runs).
 """
 from __future__ import annotations
 
@@ -18,11 +21,10 @@ import time
 from pathlib import Path
 
 import torch
-from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (  # noqa: E402
-    SHAPES, causal_flops, dense_fa3, line_plot, paged_inputs, write_records,
+    SHAPES, causal_flops, dense_fa3, line_plot, median, paged_inputs, time_interleaved, write_records,
 )
 
 from vllm_xattn.backends.executors import FA3, FlashInferExecutor  # noqa: E402
@@ -57,6 +59,8 @@ def main():
     ap.add_argument("--granularity", choices=["head", "kv_group"], default="head",
                     help="mini-requests per query head (default) or per KV group")
     ap.add_argument("--page-size", type=int, default=16, help="KV cache page size (divides 128)")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="interleaved timing rounds of dense FA3, the layer and the executor per case")
     ap.add_argument("--profile", metavar="DIR",
                     help="also write a torch.profiler kernel table of one layer call per case here")
     args = ap.parse_args()
@@ -67,7 +71,7 @@ def main():
         hq, hkv, d = dims["num_q_heads"], dims["num_kv_heads"], dims["head_dim"]
         for n in args.seq_lens:
             q, kv, bt, cu_q, sl = paged_inputs([n], [n], **dims, page_size=args.page_size)
-            dense_ms = do_bench(dense_fa3(q, kv, bt, cu_q, sl), warmup=3, rep=60)
+            dense = dense_fa3(q, kv, bt, cu_q, sl)
             dense_fl = causal_flops([n], [n], hq, d)
             host_plan = plan_prefill(cu_q, sl, block_size=128, stride=args.stride)
             pool = ScratchPool(max_tokens=n, max_reqs=1, max_seq_len=n, num_q_heads=hq, head_dim=d,
@@ -113,19 +117,30 @@ def main():
                     def run_layer(q=q, kv=kv, step=step, o=o, pool=pool):  # bound now: the loop del's them later
                         return sp.run(q, kv, step, o, pool)
 
-                    total_ms = do_bench(run_layer, warmup=3, rep=60)
-                    # The executor's kernels alone on the same page lists (built before each launch).
-                    exec_ms = sum(do_bench(launch, warmup=3, rep=60) for launch in step.executor.launches(
-                        qh, oh, counts, ids, kv, step, pool, granularity=cfg.granularity, num_kv_heads=hkv,
-                        scale=d ** -0.5))
+                    # The executor's kernels alone on the same page lists (built before each launch),
+                    # the whole layer and dense FA3, timed in interleaved rounds.
+                    fns = {"dense": dense, "layer": run_layer}
+                    for i, launch in enumerate(step.executor.launches(
+                            qh, oh, counts, ids, kv, step, pool, granularity=cfg.granularity,
+                            num_kv_heads=hkv, scale=d ** -0.5)):
+                        fns[f"exec{i}"] = launch
+                    times = time_interleaved(fns, rounds=args.rounds)
+                    rounds_dense, rounds_layer = times.pop("dense"), times.pop("layer")
+                    rounds_exec = [sum(ts) for ts in zip(*times.values())]
+                    total_ms, exec_ms, round_dense_ms = median(rounds_layer), median(rounds_exec), median(rounds_dense)
                     rec = dict(shape=shape, seq_len=n, executor=name, granularity=cfg.granularity,
                                stride=args.stride, page_size=args.page_size, inputs="random",
                                selection=cfg.selection, threshold=cfg.threshold if cfg.selection == "threshold" else None,
                                ratio=cfg.ratio, density=density, ms=total_ms, executor_ms=exec_ms,
-                               plan_ms=plan_ms[name], dense_fa3_ms=dense_ms, speedup=dense_ms / total_ms,
+                               plan_ms=plan_ms[name], dense_fa3_ms=round_dense_ms,
+                               # medians of the ratios taken within each round
+                               speedup=median([td / t for td, t in zip(rounds_dense, rounds_layer)]),
                                effective_tflops=ex_fl / exec_ms / 1e9,
-                               dense_tflops=dense_fl / dense_ms / 1e9,
-                               executor_share_of_dense_throughput=(ex_fl / exec_ms) / (dense_fl / dense_ms),
+                               dense_tflops=dense_fl / round_dense_ms / 1e9,
+                               executor_share_of_dense_throughput=median(
+                                   [(ex_fl / te) / (dense_fl / td) for td, te in zip(rounds_dense, rounds_exec)]),
+                               rounds=args.rounds, round_ms=dict(dense=rounds_dense, layer=rounds_layer,
+                                                                 executor=rounds_exec),
                                **dims)
                     records.append(rec)
                     if args.profile:
@@ -134,7 +149,7 @@ def main():
                                       run_layer)
                     print(f"{shape:13s} N={n:6d} {name:10s} {cfg.selection:9s} density {density:.3f}: "
                           f"xattn {total_ms:8.3f} ms (exec {exec_ms:8.3f}, {rec['effective_tflops']:.0f} TF/s, "
-                          f"plan {plan_ms[name]:.2f} ms/step) dense {dense_ms:8.3f} ms "
+                          f"plan {plan_ms[name]:.2f} ms/step) dense {round_dense_ms:8.3f} ms "
                           f"({rec['dense_tflops']:.0f} TF/s) speedup {rec['speedup']:.2f}x", flush=True)
                 del a, counts, ids
             del steps
