@@ -1,0 +1,123 @@
+"""The GEMM ceiling under the scoring kernel: how fast can one Triton program of the scoring
+tile multiply on this GPU, with pointer loads (what ``kernels/scoring.py`` does: Q rows are
+strided, K rows come through the page table) or with TMA descriptor loads, next to cuBLAS?
+
+Scoring at stride S is a GEMM with inner dimension S*D (1024 at S=8 on the Llama layer) followed
+by a softmax epilogue; its fp32 accumulator tile (128 x 256) is as large as the registers allow,
+so each 64-wide step of the inner dimension streams (128 + 256) x 64 bf16 elements into shared
+memory for 128 x 256 x 64 multiply-adds. This times plain GEMMs of the 128K / S=8 scoring size
+(16384 x 16384 x 1024, bf16, fp32 accumulate) whose epilogue only reduces each tile to row sums
+(like scoring, which writes per-block sums, not the score matrix):
+
+    python scripts/bench_gemm_ceiling.py --out benchmarks/results/gemm_ceiling_h100.json
+
+Records: variant, tile, warps, stages, ms, tflops, and cuBLAS (``torch.matmul``, which also
+writes the bf16 product) and dense causal FA3 on the 128K Llama layer for scale.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import SHAPES, causal_flops, dense_fa3, paged_inputs, write_records  # noqa: E402
+
+
+@triton.jit
+def _gemm_rowsum_ptr(a_ptr, b_ptr, out_ptr, M, N, K, s_am, s_bn, n_tiles_n,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid = tl.program_id(0)
+    pm, pn = pid // n_tiles_n, pid % n_tiles_n
+    rm = pm * BM + tl.arange(0, BM)
+    rn = pn * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    acc = tl.zeros([BM, BN], tl.float32)
+    for k in range(0, K, BK):
+        a = tl.load(a_ptr + rm[:, None].to(tl.int64) * s_am + (k + rk)[None, :])
+        b = tl.load(b_ptr + rn[None, :].to(tl.int64) * s_bn + (k + rk)[:, None])
+        acc = tl.dot(a, b, acc)
+    tl.store(out_ptr + rm * n_tiles_n + pn, tl.sum(acc, 1))
+
+
+@triton.jit
+def _gemm_rowsum_tma(a_desc, b_desc, out_ptr, K, n_tiles_n,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid = tl.program_id(0)
+    pm, pn = pid // n_tiles_n, pid % n_tiles_n
+    acc = tl.zeros([BM, BN], tl.float32)
+    for k in range(0, K, BK):
+        a = a_desc.load([pm * BM, k])
+        b = b_desc.load([pn * BN, k])
+        acc = tl.dot(a, b.T, acc)
+    rm = pm * BM + tl.arange(0, BM)
+    tl.store(out_ptr + rm * n_tiles_n + pn, tl.sum(acc, 1))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results/gemm_ceiling_h100.json")
+    ap.add_argument("--m", type=int, default=16384, help="rows = columns (128K tokens / S=8)")
+    ap.add_argument("--k", type=int, default=1024, help="inner dimension S*D (8 x 128)")
+    args = ap.parse_args()
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    M = N = args.m
+    K = args.k
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randn(M, K, generator=g, device="cuda").to(torch.bfloat16)
+    b = torch.randn(N, K, generator=g, device="cuda").to(torch.bfloat16)
+    flops = 2.0 * M * N * K
+    want = (a.float() @ b.float().T).sum(1)  # row sums, the check
+    records = []
+    for BM, BN, BK, warps, stages in [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 4, 4),
+                                      (128, 128, 64, 8, 4), (256, 128, 64, 8, 3)]:
+        ntn = N // BN
+        out = torch.empty(M, ntn, device="cuda", dtype=torch.float32)
+        grid = ((M // BM) * ntn,)
+        variants = {
+            "triton pointer loads": lambda: _gemm_rowsum_ptr[grid](
+                a, b, out, M, N, K, a.stride(0), b.stride(0), ntn, BM=BM, BN=BN, BK=BK,
+                num_warps=warps, num_stages=stages),
+            "triton TMA loads": lambda: _gemm_rowsum_tma[grid](
+                TensorDescriptor.from_tensor(a, [BM, BK]), TensorDescriptor.from_tensor(b, [BN, BK]), out, K, ntn,
+                BM=BM, BN=BN, BK=BK, num_warps=warps, num_stages=stages),
+        }
+        for name, fn in variants.items():
+            try:
+                out.zero_()
+                fn()
+                err = ((out.sum(1) - want).norm() / want.norm()).item()
+                ms = do_bench(fn, warmup=5, rep=100)
+            except Exception as e:  # a tile that does not fit shared memory or registers
+                print(f"{name} {BM}x{BN}x{BK} w{warps} s{stages}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
+            rec = dict(variant=name, tile=[BM, BN, BK], warps=warps, stages=stages, m=M, n=N, k=K,
+                       ms=ms, tflops=flops / ms / 1e9, rel_err_row_sums=err)
+            records.append(rec)
+            print(rec, flush=True)
+    ms = do_bench(lambda: torch.matmul(a, b.T), warmup=5, rep=100)
+    records.append(dict(variant="cuBLAS torch.matmul (writes the bf16 product)", m=M, n=N, k=K, ms=ms,
+                        tflops=flops / ms / 1e9))
+    print(records[-1], flush=True)
+    dims = SHAPES["llama-3.1-8b"]
+    n = 131072
+    q, kv, bt, cu_q, sl = paged_inputs([n], [n], **dims)
+    ms = do_bench(dense_fa3(q, kv, bt, cu_q, sl), warmup=3, rep=200)
+    records.append(dict(variant="dense causal FA3, Llama layer, 128K", ms=ms,
+                        tflops=causal_flops([n], [n], dims["num_q_heads"], dims["head_dim"]) / ms / 1e9))
+    print(records[-1], flush=True)
+    write_records(Path(args.out), records, "python scripts/bench_gemm_ceiling.py " + " ".join(sys.argv[1:]))
+    print("\n| variant | tile | warps | stages | ms | TF/s |\n|---|---|---|---|---|---|")
+    for r in records:
+        print(f"| {r['variant']} | {r.get('tile', '')} | {r.get('warps', '')} | {r.get('stages', '')} | "
+              f"{r['ms']:.3f} | {r['tflops']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
