@@ -1,0 +1,100 @@
+"""Where does the scoring kernel lose to a plain Triton GEMM of its tile? (diagnosis, H100)
+
+``bench_gemm_ceiling.py`` ran the 128 x 256 x 64 tile at 629 TF/s with pointer loads, while the
+scoring kernel runs its GEMM at about 400. This times the real kernel next to copies of it with
+one part taken out, each written from ``kernels/scoring.py`` by a text substitution into a
+temporary module (so the product kernel carries no diagnostic switches):
+
+- ``no-epilogue``: the per-key-tile softmax and scratch stores replaced by a row sum of the
+  accumulator (keeps the GEMM live; the scores are wrong, only the time counts);
+- ``no-load-masks``: the Q / K loads without their masks (inputs of whole tiles only);
+- ``contiguous-pages``: the real kernel over a cache whose pages are physically in order;
+- ``stages-3``: the real kernel with a 3-deep load pipeline instead of 4.
+
+    python scripts/probe_scoring_variants.py --out benchmarks/results/scoring_probe_h100.json
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import SHAPES, causal_flops, dense_fa3, paged_inputs, write_records  # noqa: E402
+
+from vllm_xattn.kernels import plan_prefill  # noqa: E402
+
+SRC = Path(__file__).resolve().parents[1] / "kernels" / "scoring.py"
+EPILOGUE = '''            s = tl.where(cols[None, :] <= rows[:, None], acc * qk_scale, float("-inf"))
+            # Tile 0 holds super-column 0, visible to every row: m_i is finite from then on.
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(p, 1)
+            m_i = m_new
+            psum = tl.sum(tl.reshape(p, (BLOCK_M, NB_T, BPS)), 2)  # per (row, key block), at m_new
+            tl.store(scr_p + kt * (BLOCK_M * NB_T) + p_offs, psum)
+            tl.store(scr_m + kt * BLOCK_M + offs_m, m_new)
+'''
+VARIANTS = {
+    "no-epilogue": [(EPILOGUE, "            l_i = l_i + tl.sum(acc, 1)\n            m_i = tl.zeros([BLOCK_M], tl.float32)\n")],
+    "no-load-masks": [("mask=qmask[:, None], other=0.0)", ")"), ("mask=kmask[None, :], other=0.0)", ")")],
+}
+
+
+def load_variant(name: str):
+    src = SRC.read_text().replace("from .plan import XAttnPlan", "from vllm_xattn.kernels.plan import XAttnPlan")
+    for old, new in VARIANTS[name]:
+        assert old in src, (name, old[:60])
+        src = src.replace(old, new)
+    path = Path(tempfile.mkdtemp()) / f"scoring_{name.replace('-', '_')}.py"
+    path.write_text(src)  # Triton reads the kernel's source from its file
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results/scoring_probe_h100.json")
+    ap.add_argument("--seq-lens", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--strides", type=int, nargs="+", default=[8, 16])
+    args = ap.parse_args()
+    from vllm_xattn.kernels import scoring
+
+    dims = SHAPES["llama-3.1-8b"]
+    hq, d = dims["num_q_heads"], dims["head_dim"]
+    mods = {"real": scoring, **{v: load_variant(v) for v in VARIANTS}}
+    records = []
+    for n in args.seq_lens:
+        q, kv, bt, cu_q, sl = paged_inputs([n], [n], **dims)
+        ordered = torch.arange(bt.numel(), dtype=torch.int32, device="cuda").view_as(bt)  # pages in order
+        dense_ms = do_bench(dense_fa3(q, kv, bt, cu_q, sl), warmup=3, rep=100)
+        dense_fl = causal_flops([n], [n], hq, d)
+        for S in args.strides:
+            plan = plan_prefill(cu_q, sl, block_size=128, stride=S).to("cuda")
+            flops = dense_fl / (2 * S)  # the strided causal GEMM
+            cases = {name: (lambda m=m: m.antidiagonal_scores_paged(q, kv, bt, plan)) for name, m in mods.items()}
+            cases["contiguous-pages"] = lambda: scoring.antidiagonal_scores_paged(q, kv, ordered, plan)
+            cases["stages-3"] = lambda: scoring.antidiagonal_scores_paged(q, kv, bt, plan, num_stages=3)
+            for name, fn in cases.items():
+                fn()
+                ms = do_bench(fn, warmup=5, rep=100)
+                rec = dict(variant=name, shape="llama-3.1-8b", seq_len=n, stride=S, ms=ms,
+                           gemm_tflops=flops / ms / 1e9, dense_fa3_ms=dense_ms,
+                           dense_tflops=dense_fl / dense_ms / 1e9, ratio=ms / dense_ms)
+                records.append(rec)
+                print(rec, flush=True)
+    write_records(Path(args.out), records, "python scripts/probe_scoring_variants.py " + " ".join(sys.argv[1:]))
+    print("\n| N | S | variant | ms | GEMM TF/s | ratio to dense FA3 |\n|---|---|---|---|---|---|")
+    for r in records:
+        print(f"| {r['seq_len']} | {r['stride']} | {r['variant']} | {r['ms']:.3f} | {r['gemm_tflops']:.0f} | {r['ratio']:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
