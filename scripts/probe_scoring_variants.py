@@ -9,7 +9,11 @@ temporary module (so the product kernel carries no diagnostic switches):
   accumulator (keeps the GEMM live; the scores are wrong, only the time counts);
 - ``no-load-masks``: the Q / K loads without their masks (inputs of whole tiles only);
 - ``contiguous-pages``: the real kernel over a cache whose pages are physically in order;
-- ``stages-3``: the real kernel with a 3-deep load pipeline instead of 4.
+- ``stages-3``: the real kernel with a 3-deep load pipeline instead of 4;
+- ``mask-diagonal-only``: the causal ``where`` only on key tiles that cross the diagonal;
+- ``head-major-q``: the real kernel reading the query from a head-major copy (what the
+  executors copy it to anyway), where a super-row is S*D contiguous elements instead of S rows
+  of the token-major query.
 
     python scripts/probe_scoring_variants.py --out benchmarks/results/scoring_probe_h100.json
 """
@@ -40,7 +44,14 @@ EPILOGUE = '''            s = tl.where(cols[None, :] <= rows[:, None], acc * qk_
             tl.store(scr_p + kt * (BLOCK_M * NB_T) + p_offs, psum)
             tl.store(scr_m + kt * BLOCK_M + offs_m, m_new)
 '''
+CAUSAL_MASK = '''            s = tl.where(cols[None, :] <= rows[:, None], acc * qk_scale, float("-inf"))
+'''
+DIAGONAL_MASK = '''            s = acc * qk_scale
+            if kt * BLOCK_N + BLOCK_N - 1 > a0:  # only tiles that cross the diagonal need it
+                s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
+'''
 VARIANTS = {
+    "mask-diagonal-only": [(CAUSAL_MASK, DIAGONAL_MASK)],
     "no-epilogue": [(EPILOGUE, "            l_i = l_i + tl.sum(acc, 1)\n            m_i = tl.zeros([BLOCK_M], tl.float32)\n")],
     "no-load-masks": [("mask=qmask[:, None], other=0.0)", ")"), ("mask=kmask[None, :], other=0.0)", ")")],
 }
@@ -74,6 +85,7 @@ def main():
     for n in args.seq_lens:
         q, kv, bt, cu_q, sl = paged_inputs([n], [n], **dims)
         ordered = torch.arange(bt.numel(), dtype=torch.int32, device="cuda").view_as(bt)  # pages in order
+        q_hm = q.transpose(0, 1).contiguous().transpose(0, 1)  # [T, Hq, D] view of a [Hq, T, D] tensor
         dense_ms = do_bench(dense_fa3(q, kv, bt, cu_q, sl), warmup=3, rep=100)
         dense_fl = causal_flops([n], [n], hq, d)
         for S in args.strides:
@@ -82,6 +94,15 @@ def main():
             cases = {name: (lambda m=m: m.antidiagonal_scores_paged(q, kv, bt, plan)) for name, m in mods.items()}
             cases["contiguous-pages"] = lambda: scoring.antidiagonal_scores_paged(q, kv, ordered, plan)
             cases["stages-3"] = lambda: scoring.antidiagonal_scores_paged(q, kv, bt, plan, num_stages=3)
+            # the query in the executors' head-major copy: a super-row is S*D contiguous elements
+            cases["head-major-q"] = lambda: scoring.antidiagonal_scores_paged(q_hm, kv, bt, plan)
+            cases["head-major-q + mask-diagonal-only"] = (
+                lambda: mods["mask-diagonal-only"].antidiagonal_scores_paged(q_hm, kv, bt, plan))
+            plan64 = plan_prefill(cu_q, sl, block_size=128, stride=S, block_m=64).to("cuda")
+            cases["head-major-q, block_m 64"] = lambda: scoring.antidiagonal_scores_paged(q_hm, kv, bt, plan64)
+            want = scoring.antidiagonal_scores_paged(q, kv, bt, plan)
+            for name in ("head-major-q", "mask-diagonal-only", "head-major-q + mask-diagonal-only"):
+                assert torch.allclose(cases[name](), want, rtol=1e-4, atol=1e-6), name
             for name, fn in cases.items():
                 fn()
                 ms = do_bench(fn, warmup=5, rep=100)
