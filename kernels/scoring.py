@@ -80,12 +80,18 @@ def _score_kernel(
         l_i = tl.zeros([BLOCK_M], tl.float32)
         # Row pointers of Q[a*S + S-1] (t = 0); Q_t rows are t tokens earlier.
         q_rows = q_base + (q_start + rows * S + (S - 1) - ctx).to(tl.int64) * s_qt
+        if PAGE % S == 0:  # a super-column lies in one page: look the pages up once per key tile
+            # Each key tile loads the next one's page ids before its GEMM, so the page-table
+            # lookup is not on the critical path of the next tile's first K loads.
+            kpos_next = offs_n * S
+            page_next = tl.load(bt_row + kpos_next // PAGE, mask=kpos_next < n, other=0)
         for kt in range(0, n_kt):
             cols = kt * BLOCK_N + offs_n
-            if PAGE % S == 0:  # a super-column lies in one page: look the pages up once per tile
+            if PAGE % S == 0:
                 kpos0 = cols * S
-                page = tl.load(bt_row + kpos0 // PAGE, mask=kpos0 < n, other=0).to(tl.int64)
-                k_cols = k_base + page * s_kp + (kpos0 % PAGE) * s_kn
+                k_cols = k_base + page_next.to(tl.int64) * s_kp + (kpos0 % PAGE) * s_kn
+                kpos_next = kpos0 + BLOCK_N * S
+                page_next = tl.load(bt_row + kpos_next // PAGE, mask=kpos_next < n, other=0)
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             # One flat loop over (t, D chunk): acc += Q_t @ K_t^T.
             for it in range(0, S * ND):
@@ -106,7 +112,9 @@ def _score_kernel(
                     q = q.to(tl.float32)
                     k = k.to(tl.float32)
                 acc = tl.dot(q, k.to(q.dtype), acc, input_precision=PREC)
-            s = tl.where(cols[None, :] <= rows[:, None], acc * qk_scale, float("-inf"))
+            s = acc * qk_scale
+            if kt * BLOCK_N + BLOCK_N - 1 > a0:  # only tiles that cross the diagonal need the causal mask
+                s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
             # Tile 0 holds super-column 0, visible to every row: m_i is finite from then on.
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp2(s - m_new[:, None])

@@ -10,7 +10,9 @@ temporary module (so the product kernel carries no diagnostic switches):
 - ``no-load-masks``: the Q / K loads without their masks (inputs of whole tiles only);
 - ``contiguous-pages``: the real kernel over a cache whose pages are physically in order;
 - ``stages-3``: the real kernel with a 3-deep load pipeline instead of 4;
-- ``mask-diagonal-only``: the causal ``where`` only on key tiles that cross the diagonal;
+- ``baseline`` (``--baseline-src``): an earlier copy of the kernel file, e.g. before a change.
+  (``mask-diagonal-only``, the causal ``where`` only on key tiles that cross the diagonal, was
+  a variant here until the kernel adopted it: ``scoring_probe2_h100.json``.)
 - ``head-major-q``: the real kernel reading the query from a head-major copy (what the
   executors copy it to anyway), where a super-row is S*D contiguous elements instead of S rows
   of the token-major query.
@@ -34,7 +36,9 @@ from bench_common import SHAPES, causal_flops, dense_fa3, paged_inputs, write_re
 from vllm_xattn.kernels import plan_prefill  # noqa: E402
 
 SRC = Path(__file__).resolve().parents[1] / "kernels" / "scoring.py"
-EPILOGUE = '''            s = tl.where(cols[None, :] <= rows[:, None], acc * qk_scale, float("-inf"))
+EPILOGUE = '''            s = acc * qk_scale
+            if kt * BLOCK_N + BLOCK_N - 1 > a0:  # only tiles that cross the diagonal need the causal mask
+                s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
             # Tile 0 holds super-column 0, visible to every row: m_i is finite from then on.
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp2(s - m_new[:, None])
@@ -44,22 +48,15 @@ EPILOGUE = '''            s = tl.where(cols[None, :] <= rows[:, None], acc * qk_
             tl.store(scr_p + kt * (BLOCK_M * NB_T) + p_offs, psum)
             tl.store(scr_m + kt * BLOCK_M + offs_m, m_new)
 '''
-CAUSAL_MASK = '''            s = tl.where(cols[None, :] <= rows[:, None], acc * qk_scale, float("-inf"))
-'''
-DIAGONAL_MASK = '''            s = acc * qk_scale
-            if kt * BLOCK_N + BLOCK_N - 1 > a0:  # only tiles that cross the diagonal need it
-                s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
-'''
 VARIANTS = {
-    "mask-diagonal-only": [(CAUSAL_MASK, DIAGONAL_MASK)],
     "no-epilogue": [(EPILOGUE, "            l_i = l_i + tl.sum(acc, 1)\n            m_i = tl.zeros([BLOCK_M], tl.float32)\n")],
     "no-load-masks": [("mask=qmask[:, None], other=0.0)", ")"), ("mask=kmask[None, :], other=0.0)", ")")],
 }
 
 
-def load_variant(name: str):
-    src = SRC.read_text().replace("from .plan import XAttnPlan", "from vllm_xattn.kernels.plan import XAttnPlan")
-    for old, new in VARIANTS[name]:
+def load_variant(name: str, source: Path = SRC):
+    src = source.read_text().replace("from .plan import XAttnPlan", "from vllm_xattn.kernels.plan import XAttnPlan")
+    for old, new in VARIANTS.get(name, []):
         assert old in src, (name, old[:60])
         src = src.replace(old, new)
     path = Path(tempfile.mkdtemp()) / f"scoring_{name.replace('-', '_')}.py"
@@ -75,12 +72,17 @@ def main():
     ap.add_argument("--out", default="benchmarks/results/scoring_probe_h100.json")
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--strides", type=int, nargs="+", default=[8, 16])
+    ap.add_argument("--baseline-src", type=Path,
+                    help="also time this earlier copy of kernels/scoring.py as variant 'baseline'")
+    ap.add_argument("--only", nargs="+", help="time only these variants")
     args = ap.parse_args()
     from vllm_xattn.kernels import scoring
 
     dims = SHAPES["llama-3.1-8b"]
     hq, d = dims["num_q_heads"], dims["head_dim"]
     mods = {"real": scoring, **{v: load_variant(v) for v in VARIANTS}}
+    if args.baseline_src:
+        mods["baseline"] = load_variant("baseline", args.baseline_src)
     records = []
     for n in args.seq_lens:
         q, kv, bt, cu_q, sl = paged_inputs([n], [n], **dims)
@@ -96,14 +98,15 @@ def main():
             cases["stages-3"] = lambda: scoring.antidiagonal_scores_paged(q, kv, bt, plan, num_stages=3)
             # the query in the executors' head-major copy: a super-row is S*D contiguous elements
             cases["head-major-q"] = lambda: scoring.antidiagonal_scores_paged(q_hm, kv, bt, plan)
-            cases["head-major-q + mask-diagonal-only"] = (
-                lambda: mods["mask-diagonal-only"].antidiagonal_scores_paged(q_hm, kv, bt, plan))
             plan64 = plan_prefill(cu_q, sl, block_size=128, stride=S, block_m=64).to("cuda")
             cases["head-major-q, block_m 64"] = lambda: scoring.antidiagonal_scores_paged(q_hm, kv, bt, plan64)
             want = scoring.antidiagonal_scores_paged(q, kv, bt, plan)
-            for name in ("head-major-q", "mask-diagonal-only", "head-major-q + mask-diagonal-only"):
-                assert torch.allclose(cases[name](), want, rtol=1e-4, atol=1e-6), name
+            for name in ("head-major-q", "baseline"):
+                if name in cases:
+                    assert torch.allclose(cases[name](), want, rtol=1e-4, atol=1e-6), name
             for name, fn in cases.items():
+                if args.only and name not in args.only:
+                    continue
                 fn()
                 ms = do_bench(fn, warmup=5, rep=100)
                 rec = dict(variant=name, shape="llama-3.1-8b", seq_len=n, stride=S, ms=ms,
