@@ -31,7 +31,9 @@ import torch
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import SHAPES, causal_flops, dense_fa3, paged_inputs, write_records  # noqa: E402
+from bench_common import (  # noqa: E402
+    SHAPES, causal_flops, dense_fa3, median, paged_inputs, time_interleaved, write_records,
+)
 
 from vllm_xattn.kernels import plan_prefill  # noqa: E402
 
@@ -75,6 +77,7 @@ def main():
     ap.add_argument("--baseline-src", type=Path,
                     help="also time this earlier copy of kernels/scoring.py as variant 'baseline'")
     ap.add_argument("--only", nargs="+", help="time only these variants")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per case")
     args = ap.parse_args()
     from vllm_xattn.kernels import scoring
 
@@ -104,16 +107,17 @@ def main():
             for name in ("head-major-q", "baseline"):
                 if name in cases:
                     assert torch.allclose(cases[name](), want, rtol=1e-4, atol=1e-6), name
-            for name, fn in cases.items():
-                if args.only and name not in args.only:
-                    continue
+            cases = {k: f for k, f in cases.items() if not args.only or k in args.only}
+            for fn in cases.values():
                 fn()
-                ms = do_bench(fn, warmup=5, rep=100)
-                rec = dict(variant=name, shape="llama-3.1-8b", seq_len=n, stride=S, ms=ms,
+            times = time_interleaved(cases, rounds=args.rounds, rep=100)  # drift lands on all alike
+            for name, ts in times.items():
+                ms = median(ts)
+                rec = dict(variant=name, shape="llama-3.1-8b", seq_len=n, stride=S, ms=ms, round_ms=ts,
                            gemm_tflops=flops / ms / 1e9, dense_fa3_ms=dense_ms,
                            dense_tflops=dense_fl / dense_ms / 1e9, ratio=ms / dense_ms)
                 records.append(rec)
-                print(rec, flush=True)
+                print({k: v for k, v in rec.items() if k != "round_ms"}, flush=True)
     write_records(Path(args.out), records, "python scripts/probe_scoring_variants.py " + " ".join(sys.argv[1:]))
     print("\n| N | S | variant | ms | GEMM TF/s | ratio to dense FA3 |\n|---|---|---|---|---|---|")
     for r in records:
