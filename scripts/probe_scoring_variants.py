@@ -10,6 +10,8 @@ temporary module (so the product kernel carries no diagnostic switches):
 - ``no-load-masks``: the Q / K loads without their masks (inputs of whole tiles only);
 - ``contiguous-pages``: the real kernel over a cache whose pages are physically in order;
 - ``stages-3``: the real kernel with a 3-deep load pipeline instead of 4;
+- ``programs-N`` (``--programs``): the real kernel on N persistent programs (one per SM runs
+  at a time): if time falls less than in proportion to N, the SMs share a limit (L2 or HBM);
 - ``baseline`` (``--baseline-src``): an earlier copy of the kernel file, e.g. before a change.
   (``mask-diagonal-only``, the causal ``where`` only on key tiles that cross the diagonal, was
   a variant here until the kernel adopted it: ``scoring_probe2_h100.json``.)
@@ -78,6 +80,8 @@ def main():
                     help="also time this earlier copy of kernels/scoring.py as variant 'baseline'")
     ap.add_argument("--only", nargs="+", help="time only these variants")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per case")
+    ap.add_argument("--programs", type=int, nargs="*", default=[],
+                    help="also time the real kernel on this many persistent programs (default 2 x SMs)")
     args = ap.parse_args()
     from vllm_xattn.kernels import scoring
 
@@ -101,6 +105,9 @@ def main():
             cases["stages-3"] = lambda: scoring.antidiagonal_scores_paged(q, kv, bt, plan, num_stages=3)
             # the query in the executors' head-major copy: a super-row is S*D contiguous elements
             cases["head-major-q"] = lambda: scoring.antidiagonal_scores_paged(q_hm, kv, bt, plan)
+            for npg in args.programs:  # fewer SMs: does each one run faster (a shared limit)?
+                cases[f"programs-{npg}"] = (lambda npg=npg: scoring.antidiagonal_scores_paged(
+                    q, kv, bt, plan, num_programs=npg))
             plan64 = plan_prefill(cu_q, sl, block_size=128, stride=S, block_m=64).to("cuda")
             cases["head-major-q, block_m 64"] = lambda: scoring.antidiagonal_scores_paged(q_hm, kv, bt, plan64)
             want = scoring.antidiagonal_scores_paged(q, kv, bt, plan)
