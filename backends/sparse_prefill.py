@@ -22,6 +22,7 @@ from vllm_xattn.kernels import (
     antidiagonal_scores_paged,
     copy_tokens_heads,
     plan_prefill,
+    scoring_programs,
     scoring_workspace_numel,
     select_blocks_packed,
 )
@@ -138,8 +139,7 @@ class ScratchPool:
         # sparse request has >= B query tokens, so at most max_tokens/B of them fit a step.
         max_rows = math.ceil(max_tokens / B) + 2 * min(max_reqs, max_tokens // B)
         device = torch.device(device)
-        self.num_programs = (2 * torch.cuda.get_device_properties(device).multi_processor_count
-                             if device.type == "cuda" else 4)
+        self.num_programs = scoring_programs(device)
         bound = SimpleNamespace(  # the plan of the longest possible request
             block_size=B, stride=S, block_m=XAttnPlan.DEFAULT_BLOCK_M,
             block_n=XAttnPlan.DEFAULT_BLOCK_N,

@@ -11,7 +11,7 @@ from .layout import copy_tokens_heads
 from .page_lists import PageCSR, PageLists, build_page_csr, build_page_lists
 from .paged import folded_kv_views, make_paged_cache, split_kv
 from .plan import XAttnPlan, min_scoring_tiles, plan_prefill
-from .scoring import antidiagonal_scores_paged, scoring_workspace_numel, unpack_scores
+from .scoring import antidiagonal_scores_paged, scoring_programs, scoring_workspace_numel, unpack_scores
 from .selection import masks_from_selection, select_blocks_packed
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "masks_from_selection",
     "min_scoring_tiles",
     "plan_prefill",
+    "scoring_programs",
     "scoring_workspace_numel",
     "select_blocks_packed",
     "split_kv",

@@ -170,13 +170,19 @@ def _default_stages(block_m: int, block_n: int, block_d: int, elem_size: int) ->
     return max(2, min(4, _STAGE_SMEM // per_stage))
 
 
-def _default_programs(device: torch.device, n_work: int) -> int:
+def scoring_programs(device) -> int:
+    """Persistent programs of the scoring kernel: one per SM. Its tiles keep one program
+    resident per SM (128 x 256 tile: 255 registers x 256 threads, 192 KB shared memory; only the
+    16-row tile fits two), so more programs only wait for the queue to run dry: on the H100, 132
+    programs ran 1-4 % faster than 264 (benchmarks/results/scoring_probe5_h100.json) and halve
+    the scratch. 4 off the GPU (the interpreter)."""
+    device = torch.device(device)
     if device.type != "cuda":
-        return max(1, min(n_work, 4))
+        return 4
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return max(1, min(n_work, 2 * _SM_COUNT[idx]))
+    return _SM_COUNT[idx]
 
 
 def antidiagonal_scores_paged(
@@ -199,7 +205,7 @@ def antidiagonal_scores_paged(
     block_table: int32 [R, max_pages] of the plan's requests (device). plan: ``plan.to(q.device)``.
     Row ``plan.q_block_offset[r] + (i - qb0)`` holds absolute query block i of request r;
     columns j > i (and beyond the request's key blocks) are 0. No host synchronisation.
-    num_programs: persistent grid size (default 2 x SMs). workspace: optional preallocated
+    num_programs: persistent grid size (default ``scoring_programs``: one per SM). workspace: optional preallocated
     float32 scratch of ``scoring_workspace_numel(plan, num_programs)`` elements.
     """
     T, hq, d = q.shape
@@ -219,7 +225,7 @@ def antidiagonal_scores_paged(
     if block_table.stride(1) != 1:
         raise ValueError("block_table rows must be contiguous")
     n_work = plan.num_tiles * hq
-    nprog = num_programs or _default_programs(q.device, n_work)
+    nprog = num_programs or max(1, min(n_work, scoring_programs(q.device)))
     if out is None:
         out = torch.zeros(hq, plan.total_q_blocks, plan.max_kb, dtype=torch.float32, device=q.device)
     else:

@@ -81,7 +81,7 @@ def main():
     ap.add_argument("--only", nargs="+", help="time only these variants")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per case")
     ap.add_argument("--programs", type=int, nargs="*", default=[],
-                    help="also time the real kernel on this many persistent programs (default 2 x SMs)")
+                    help="also time the real kernel on this many persistent programs (default: one per SM; 2 x SMs until d9d840b)")
     args = ap.parse_args()
     from vllm_xattn.kernels import scoring
 
