@@ -40,18 +40,16 @@ from bench_common import (  # noqa: E402
 from vllm_xattn.kernels import plan_prefill  # noqa: E402
 
 SRC = Path(__file__).resolve().parents[1] / "kernels" / "scoring.py"
-EPILOGUE = '''            s = acc * qk_scale
-            if kt * BLOCK_N + BLOCK_N - 1 > a0:  # only tiles that cross the diagonal need the causal mask
-                s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
-            # Tile 0 holds super-column 0, visible to every row: m_i is finite from then on.
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(p, 1)
-            m_i = m_new
-            psum = tl.sum(tl.reshape(p, (BLOCK_M, NB_T, BPS)), 2)  # per (row, key block), at m_new
-            tl.store(scr_p + kt * (BLOCK_M * NB_T) + p_offs, psum)
-            tl.store(scr_m + kt * BLOCK_M + offs_m, m_new)
-'''
+def _lines_between(src: str, first: str, last: str) -> str:
+    """The whole lines of ``src`` from the one starting with ``first`` to the one containing ``last``."""
+    a = src.index(first)
+    a = src.rindex("\n", 0, a) + 1
+    b = src.index("\n", src.index(last, a)) + 1
+    return src[a:b]
+
+
+# The per-key-tile softmax and scratch stores, as they stand in the kernel.
+EPILOGUE = _lines_between(SRC.read_text(), "s = acc * qk_scale", "tl.store(scr_m + kt * BLOCK_M + offs_m, m_new)")
 VARIANTS = {
     "no-epilogue": [(EPILOGUE, "            l_i = l_i + tl.sum(acc, 1)\n            m_i = tl.zeros([BLOCK_M], tl.float32)\n")],
     "no-load-masks": [("mask=qmask[:, None], other=0.0)", ")"), ("mask=kmask[None, :], other=0.0)", ")")],
