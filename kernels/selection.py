@@ -141,7 +141,11 @@ def select_blocks_packed(
             raise ValueError(f"num_kv_heads must divide Hq={hq}, got {num_kv_heads!r}")
         g = hq // num_kv_heads
         if g > 1:
-            a = a_packed.view(num_kv_heads, g, tqb, max_kb).sum(1)
+            # Rows padded to 16 floats: the kernel specialises on this buffer's strides, which
+            # so stay in one class for every step (no recompile mid-serving; the warm-up's).
+            kb16 = -(-max_kb // 16) * 16
+            a = torch.empty(num_kv_heads, tqb, kb16, dtype=a_packed.dtype, device=dev)[:, :, :max_kb]
+            torch.sum(a_packed.view(num_kv_heads, g, tqb, max_kb), 1, out=a)
             tau = tau.view(num_kv_heads, g).amax(1)
     elif granularity != "head":
         raise ValueError(f"granularity must be 'head' or 'kv_group', got {granularity!r}")

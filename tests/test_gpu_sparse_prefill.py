@@ -232,8 +232,8 @@ def test_host_to_device_is_one_aligned_copy_that_does_not_wait_for_the_stream():
         assert torch.equal(d.cpu(), h) and d.data_ptr() % 16 == 0
 
 
-@pytest.mark.parametrize("executor", ["fa3", "flashinfer"])
-def test_warm_up_leaves_nothing_to_compile_for_serving(monkeypatch, executor):
+@pytest.mark.parametrize("executor, granularity", [("fa3", "head"), ("flashinfer", "head"), ("fa3", "kv_group")])
+def test_warm_up_leaves_nothing_to_compile_for_serving(monkeypatch, executor, granularity):
     """After the warm-up (what the backend runs in vLLM's memory-profiling pass), sparse steps of
     other lengths, tile heights, block-table widths and cache sizes compile no Triton kernel:
     the hook vLLM's JIT monitor uses after its own warm-up stays silent."""
@@ -245,7 +245,8 @@ def test_warm_up_leaves_nothing_to_compile_for_serving(monkeypatch, executor):
     from vllm_xattn.kernels.plan import min_scoring_tiles
 
     hq, hkv, d, page, max_len, max_tokens = 8, 2, 128, 16, 40000, 16384
-    cfg = XAttnConfig(min_sparse_tokens=4096)
+    cfg = XAttnConfig(min_sparse_tokens=4096, granularity=granularity)
+    sel_heads = hkv if granularity == "kv_group" else hq
     for k in (scoring._score_kernel, selection._select_kernel, page_lists._page_list_kernel,
               page_lists._csr_lengths_kernel, layout._copy_tokens_heads_kernel):
         k.device_caches.clear()  # as in a fresh process (Triton's disk cache still fires the hook)
@@ -262,7 +263,7 @@ def test_warm_up_leaves_nothing_to_compile_for_serving(monkeypatch, executor):
     qkv = torch.randn(max_tokens, (hq + 2 * hkv) * d, device="cuda").to(torch.bfloat16)
     query = qkv[:, : hq * d].view(max_tokens, hq, d)
     ran = warm_up_sparse_path(sp, pool, query, executor=ex, page_size=page, kv_dtype=torch.bfloat16,
-                              max_model_len=max_len, selection_heads=hq)
+                              max_model_len=max_len, selection_heads=sel_heads)
     assert ran == len(warmup_shapes(cfg, max_model_len=max_len)) > 0
     assert {"_score_kernel", "_select_kernel", "_page_list_kernel", "_copy_tokens_heads_kernel"} <= set(compiled)
     compiled.clear()
@@ -275,7 +276,7 @@ def test_warm_up_leaves_nothing_to_compile_for_serving(monkeypatch, executor):
         bt = torch.cat([bt, torch.zeros(bt.shape[0], 3, dtype=bt.dtype, device=bt.device)], 1)  # odd width
         plan = plan_prefill(cu_q, n, block_size=cfg.block_size, stride=cfg.stride, min_tiles=min_tiles)
         step = SparseStep.from_host_plan(plan, block_table=bt, tok_start=0, tok_end=int(cu_q[-1]),
-                                         selection_heads=hq, device="cuda", executor=ex)
+                                         selection_heads=sel_heads, device="cuda", executor=ex)
         qv = torch.randn(q.shape[0], (hq + 2 * hkv) * d, device="cuda").to(torch.bfloat16)[:, : hq * d]
         sp.run(qv.view(-1, hq, d), kv_cache, step, torch.empty_like(q), pool)
     torch.cuda.synchronize()
