@@ -3,8 +3,9 @@
     python scripts/bench_scoring.py --out benchmarks/results/scoring_h100.json
 
 Checks the kernels against the float32 reference first, optionally sweeps scoring tile
-configs (--tune), then times each case with triton.testing.do_bench (median) and writes
-one record per case plus a PNG beside the JSON.
+configs (--tune), then times each case next to dense FA3 with triton.testing.do_bench in
+--rounds interleaved rounds (ratios are medians of the rounds' ratios) and writes one record
+per case plus a PNG beside the JSON.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (  # noqa: E402
-    SHAPES, contiguous_kv, dense_fa3, line_plot, paged_inputs, write_records,
+    SHAPES, contiguous_kv, dense_fa3, line_plot, median, paged_inputs, time_interleaved, write_records,
 )
 
 from vllm_xattn import reference as ref  # noqa: E402
@@ -137,6 +138,7 @@ def main():
     ap.add_argument("--batch", type=int, default=4, help="requests in the batched 32K case")
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per case")
     args = ap.parse_args()
     out = Path(args.out)
     log_lines = []
@@ -169,7 +171,7 @@ def main():
     for shape, seq_lens, query_lens in cases:
         dims = SHAPES[shape]
         q, kv, bt, cu_q, sl = paged_inputs(seq_lens, query_lens, **dims)
-        dense_ms = do_bench(dense_fa3(q, kv, bt, cu_q, sl), warmup=3, rep=50)
+        dense = dense_fa3(q, kv, bt, cu_q, sl)
         for stride in args.strides:
             best = tiles.get((shape, stride)) or {}
             t0 = time.perf_counter()
@@ -182,21 +184,28 @@ def main():
             lists, counts = run()
             cand = plan.causal_blocks() * dims["num_q_heads"]
             density = counts.sum().item() / cand
-            ms = do_bench(run, warmup=3, rep=50)
-            score_ms = do_bench(scoring, warmup=3, rep=50)
             a = scoring()
-            select_ms = do_bench(lambda a=a: select(a), warmup=3, rep=50)
             counts, ids = select(a)
-            lists_ms = do_bench(lambda c=counts, i=ids: make_lists(c, i), warmup=3, rep=50)
+            # Dense FA3 and the pipeline (and its parts) in interleaved rounds: the ratio is the
+            # median of the rounds' ratios, so dense FA3's own drift (+-3 % between runs) lands
+            # on both sides.
+            times = time_interleaved({"dense": dense, "run": run, "scoring": scoring,
+                                      "selection": lambda a=a: select(a),
+                                      "lists": lambda c=counts, i=ids: make_lists(c, i)},
+                                     rounds=args.rounds, rep=50)
+            ms, score_ms, select_ms, lists_ms, dense_ms = (
+                median(times[k]) for k in ("run", "scoring", "selection", "lists", "dense"))
             rec = dict(shape=shape, seq_len=seq_lens[0], batch=len(seq_lens), stride=stride,
                        threshold=args.threshold, inputs="random", ms=ms, scoring_ms=score_ms,
-                       dense_fa3_ms=dense_ms, ratio=ms / dense_ms,
-                       scoring_ratio=score_ms / dense_ms, selection_ms=select_ms,
-                       page_lists_ms=lists_ms, density=density, plan_host_ms=plan_ms,
+                       dense_fa3_ms=dense_ms,
+                       ratio=median([t / td for t, td in zip(times["run"], times["dense"])]),
+                       scoring_ratio=median([t / td for t, td in zip(times["scoring"], times["dense"])]),
+                       selection_ms=select_ms, page_lists_ms=lists_ms, density=density,
+                       plan_host_ms=plan_ms, rounds=args.rounds, round_ms=times,
                        tiles=dict(block_m=plan.block_m, block_n=plan.block_n, **launch), **dims)
             records.append(rec)
             log(f"{shape:13s} N={seq_lens[0]:6d}x{len(seq_lens)} S={stride:2d}: xattn {ms:8.3f} ms "
-                f"(scoring {score_ms:8.3f}, selection {select_ms:.3f}, lists {lists_ms:.3f}) dense {dense_ms:8.3f} ms ratio {ms / dense_ms:.3f} "
+                f"(scoring {score_ms:8.3f}, selection {select_ms:.3f}, lists {lists_ms:.3f}) dense {dense_ms:8.3f} ms ratio {rec['ratio']:.3f} "
                 f"density {density:.3f}")
             del lists, a, counts, ids
         del q, kv
