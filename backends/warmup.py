@@ -16,6 +16,8 @@ sparse path with every page pointing at page 0 of a one-page cache, compiles eve
 serving can ask for, in a few small launches. vLLM's JIT monitor, active after warm-up,
 warns about any Triton compile during serving ("consider extending warmup"); without this
 the first sparse prefill after a start compiled 4-8 kernels (about 2 s from a cold cache).
+The warm-up compiles more variants than one prompt needs: 7.4-7.8 s at engine start on the
+H100 with a cold Triton cache (5-6 shapes; benchmarks/results/logs/latency_*_32k*_h100/).
 """
 from __future__ import annotations
 
