@@ -10,6 +10,9 @@ temporary module (so the product kernel carries no diagnostic switches):
 - ``no-load-masks``: the Q / K loads without their masks (inputs of whole tiles only);
 - ``contiguous-pages``: the real kernel over a cache whose pages are physically in order;
 - ``stages-3``: the real kernel with a 3-deep load pipeline instead of 4;
+- ``shared-q`` / ``shared-k``: every query head reads head 0's query (or every KV head KV head
+  0's keys), through a zero head stride: if keeping 132 distinct query tiles (key streams)
+  in L2 is the limit, these run faster (their scores are wrong; timing only);
 - ``programs-N`` (``--programs``): the real kernel on N persistent programs (one per SM runs
   at a time): if time falls less than in proportion to N, the SMs share a limit (L2 or HBM);
 - ``baseline`` (``--baseline-src``): an earlier copy of the kernel file, e.g. before a change.
@@ -93,6 +96,8 @@ def main():
         q, kv, bt, cu_q, sl = paged_inputs([n], [n], **dims)
         ordered = torch.arange(bt.numel(), dtype=torch.int32, device="cuda").view_as(bt)  # pages in order
         q_hm = q.transpose(0, 1).contiguous().transpose(0, 1)  # [T, Hq, D] view of a [Hq, T, D] tensor
+        q_shared = q[:, :1].expand(-1, hq, -1)  # head stride 0
+        kv_shared = kv[:, :1].expand(-1, kv.shape[1], -1, -1)
         dense_ms = do_bench(dense_fa3(q, kv, bt, cu_q, sl), warmup=3, rep=100)
         dense_fl = causal_flops([n], [n], hq, d)
         for S in args.strides:
@@ -103,6 +108,11 @@ def main():
             cases["stages-3"] = lambda: scoring.antidiagonal_scores_paged(q, kv, bt, plan, num_stages=3)
             # the query in the executors' head-major copy: a super-row is S*D contiguous elements
             cases["head-major-q"] = lambda: scoring.antidiagonal_scores_paged(q_hm, kv, bt, plan)
+            # Every query head reads head 0's query (head stride 0), or every KV head reads KV head
+            # 0's keys: if the kernel is limited by keeping 132 distinct query tiles (or key
+            # streams) in L2, the shared-input run is faster. Scores are wrong; timing only.
+            cases["shared-q"] = lambda: scoring.antidiagonal_scores_paged(q_shared, kv, bt, plan)
+            cases["shared-k"] = lambda: scoring.antidiagonal_scores_paged(q, kv_shared, bt, plan)
             for npg in args.programs:  # fewer SMs: does each one run faster (a shared limit)?
                 cases[f"programs-{npg}"] = (lambda npg=npg: scoring.antidiagonal_scores_paged(
                     q, kv, bt, plan, num_programs=npg))
