@@ -176,7 +176,7 @@ def main():
             best = tiles.get((shape, stride)) or {}
             t0 = time.perf_counter()
             plan = plan_prefill(cu_q, sl, block_size=128, stride=stride,
-                                block_m=best.get("block_m"), block_n=best.get("block_n")).to("cuda")
+                                block_m=best.get("block_m"), block_n=best.get("block_n")).to(q.device)
             plan_ms = (time.perf_counter() - t0) * 1e3
             launch = {k: best[k] for k in ("num_warps", "num_stages", "block_d") if k in best}
             scoring, run, select, make_lists = pipeline(q, kv, bt, plan, threshold=args.threshold,
