@@ -59,6 +59,27 @@ def paged_inputs(seq_lens, query_lens, *, num_q_heads, num_kv_heads, head_dim, p
     return q, kv_cache, block_table, cu_q, torch.tensor(seq_lens, dtype=torch.int32)
 
 
+def shape_name(num_q_heads: int, num_kv_heads: int, head_dim: int) -> str:
+    """The ``SHAPES`` name of a layer shape, or "HqxHkvxD" for another one."""
+    dims = dict(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
+    return next((k for k, v in SHAPES.items() if v == dims), f"{num_q_heads}x{num_kv_heads}x{head_dim}")
+
+
+def captured_layers(folder, layer_step: int = 1, *, page_size: int = 16, device="cuda"):
+    """Every ``layer_step``-th layer of a ``scripts/capture_qkv.py`` folder as one request of
+    whole 128-token blocks: yields (file name, q, kv_cache, block_table, cu_seqlens_q,
+    seq_lens) like ``paged_inputs`` (pages shuffled, physically NHD)."""
+    from vllm_xattn.kernels import make_paged_cache
+
+    for path in sorted(Path(folder).glob("layer_*.pt"))[::layer_step]:
+        cap = torch.load(path)
+        n = cap["q"].shape[0] // 128 * 128
+        q, k, v = (cap[x][:n].to(device) for x in ("q", "k", "v"))
+        cu = torch.tensor([0, n], dtype=torch.int32)
+        kv, bt = make_paged_cache(k, v, cu, page_size, generator=torch.Generator().manual_seed(0))
+        yield path.name, q, kv, bt.to(device), cu, torch.tensor([n], dtype=torch.int32)
+
+
 def contiguous_kv(kv_cache, block_table, seq_lens):
     """Gather the paged cache back into contiguous K, V [N_total, Hkv, D] (for references)."""
     d = kv_cache.shape[-1] // 2

@@ -46,13 +46,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_attention import executor_flops  # noqa: E402
 from bench_common import (  # noqa: E402
-    SHAPES, causal_flops, dense_fa3, line_plot, median, paged_inputs, time_interleaved, write_records,
+    SHAPES, captured_layers, causal_flops, dense_fa3, line_plot, median, paged_inputs, time_interleaved,
+    write_records,
 )
 
 from vllm_xattn.backends.executors import fa3_varlen_paged  # noqa: E402
 from vllm_xattn.config import XAttnConfig  # noqa: E402
 from vllm_xattn.kernels import (  # noqa: E402
-    antidiagonal_scores_paged, build_page_lists, folded_kv_views, make_paged_cache, plan_prefill,
+    antidiagonal_scores_paged, build_page_lists, folded_kv_views, plan_prefill,
     select_blocks_packed,
 )
 
@@ -179,16 +180,10 @@ def main():
     records = []
     if args.capture:
         sels = [dict(threshold=t) for t in args.thresholds] or [{}]  # default: the config's threshold
-        for path in sorted(Path(args.capture).glob("layer_*.pt"))[:: args.layer_step]:
-            cap = torch.load(path)
-            q, k, v = (cap[x].cuda() for x in ("q", "k", "v"))
-            n = q.shape[0] // 128 * 128  # whole blocks
-            q, k, v = q[:n], k[:n], v[:n]
-            cu = torch.tensor([0, n], dtype=torch.int32)
-            kv, bt = make_paged_cache(k, v, cu, 16, generator=torch.Generator().manual_seed(0))
-            records += compare_orders(q, kv, bt, cu, torch.tensor([n], dtype=torch.int32), sels,
-                                      dict(inputs=f"captured {path.name}", num_q_heads=q.shape[1],
-                                           num_kv_heads=k.shape[1], head_dim=q.shape[2]),
+        for name, q, kv, bt, cu, sl in captured_layers(args.capture, args.layer_step):
+            records += compare_orders(q, kv, bt, cu, sl, sels,
+                                      dict(inputs=f"captured {name}", num_q_heads=q.shape[1],
+                                           num_kv_heads=kv.shape[1], head_dim=q.shape[2]),
                                       rounds=args.rounds)
             torch.cuda.empty_cache()
     else:

@@ -1,7 +1,10 @@
-"""bench_attention.executor_flops counts the same FLOPs whatever the mini-request order."""
+"""bench_attention: executor_flops counts the same FLOPs whatever the mini-request order, and
+bench_inputs turns interleaved timings into records."""
+import os
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -32,3 +35,35 @@ def test_executor_flops_order_independent():
     for tq, n in ((300, 300), (200, 777)):
         want += 4.0 * 64 * heads * (tq * (n - tq) + tq * (tq + 1) / 2)
     assert fl == want
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU variant (Triton interpreter)")
+def test_bench_inputs_records_medians_of_within_round_ratios(monkeypatch):
+    """bench_attention.bench_inputs on CPU: the kernels in the interpreter, a stand-in FA3
+    executor and fake timings (dense 10 / 11 / 12 ms, the layer 2 ms, the executor 1 ms)."""
+    from types import SimpleNamespace
+
+    import bench_attention as ba
+    import bench_common
+
+    from vllm_xattn.backends.executors import Fa3Executor
+
+    class NoKernelFa3(Fa3Executor):
+        def launches(self, *a, **kw):
+            yield lambda: None
+
+    monkeypatch.setattr(ba, "FA3", NoKernelFa3())
+    monkeypatch.setattr(ba, "dense_fa3", lambda *a, **k: (lambda: None))
+    fake = {"dense": [10.0, 11.0, 12.0], "layer": [2.0, 2.0, 2.0], "exec0": [1.0, 1.0, 1.0]}
+    monkeypatch.setattr(ba, "time_interleaved", lambda fns, rounds: {k: fake[k][:rounds] for k in fns})
+    inputs = bench_common.paged_inputs([512], [512], **bench_common.SHAPES["qwen2.5-0.5b"], device="cpu")
+    args = SimpleNamespace(stride=16, page_size=16, executor=["fa3"], granularity="head", rounds=3, profile=None)
+    recs = ba.bench_inputs(*inputs, shape="qwen2.5-0.5b", inputs="captured layer_00.pt",
+                           settings=[dict(selection="ratio", ratio=0.5), dict(threshold=0.9)], args=args)
+    assert [r["selection"] for r in recs] == ["ratio", "threshold"]
+    r = recs[0]
+    assert r["inputs"] == "captured layer_00.pt" and r["seq_len"] == 512 and r["num_q_heads"] == 14
+    assert r["speedup"] == pytest.approx(11.0 / 2.0) and r["dense_fa3_ms"] == 11.0
+    assert r["executor_ms"] == 1.0 and 0.0 < r["density"] < 1.0
+    dense_fl = bench_common.causal_flops([512], [512], 14, 64)
+    assert r["executor_share_of_dense_throughput"] == pytest.approx(r["effective_tflops"] * 1e9 * 11.0 / dense_fl)
