@@ -25,11 +25,10 @@ import math
 import time
 
 import torch
-import triton
 from vllm.logger import init_logger
 
 from vllm_xattn.config import XAttnConfig
-from vllm_xattn.kernels import XAttnPlan, plan_prefill
+from vllm_xattn.kernels import plan_prefill, scoring_tile_heights, selection_block_k
 
 logger = init_logger("vllm.xattn")
 
@@ -42,18 +41,12 @@ def warmup_shapes(cfg: XAttnConfig, *, max_model_len: int) -> list[tuple[int, in
     if cfg.min_sparse_tokens > max_model_len:
         return []
     kb_max = math.ceil(max_model_len / B)
-    # selection's BLOCK_K = max(16, next_pow2(key blocks)): one length per class
-    lens, p = [], max(16, triton.next_power_of_2(math.ceil(cfg.min_sparse_tokens / B)))
-    while True:
-        lens.append(min(p * B, max_model_len))
-        if p >= kb_max:
-            break
-        p *= 2
-    lens = sorted(set(max(n, B) for n in lens))
-    block_ms, bm = [], XAttnPlan.DEFAULT_BLOCK_M
-    while bm >= max(16, B // cfg.stride):
-        block_ms.append(bm)
-        bm //= 2
+    # one length per selection BLOCK_K: the longest whose key blocks map to it
+    longest = {}
+    for kb in range(math.ceil(cfg.min_sparse_tokens / B), kb_max + 1):
+        longest[selection_block_k(kb)] = kb
+    lens = sorted(set(max(min(kb * B, max_model_len), B) for kb in longest.values()))
+    block_ms = scoring_tile_heights(B, cfg.stride)
     # every length at the default tile; the smaller tiles once, at the shortest length
     return [(n, block_ms[0]) for n in lens] + [(lens[0], bm) for bm in block_ms[1:]]
 

@@ -10,9 +10,9 @@ Per scheduler step: ``plan = plan_prefill(...).to(device)`` (host metadata, one 
 from .layout import copy_tokens_heads
 from .page_lists import PageCSR, PageLists, build_page_csr, build_page_lists
 from .paged import folded_kv_views, make_paged_cache, split_kv
-from .plan import XAttnPlan, min_scoring_tiles, plan_prefill
+from .plan import XAttnPlan, min_scoring_tiles, plan_prefill, scoring_tile_heights
 from .scoring import antidiagonal_scores_paged, scoring_programs, scoring_workspace_numel, unpack_scores
-from .selection import masks_from_selection, select_blocks_packed
+from .selection import masks_from_selection, select_blocks_packed, selection_block_k
 
 __all__ = [
     "PageCSR",
@@ -28,8 +28,10 @@ __all__ = [
     "min_scoring_tiles",
     "plan_prefill",
     "scoring_programs",
+    "scoring_tile_heights",
     "scoring_workspace_numel",
     "select_blocks_packed",
+    "selection_block_k",
     "split_kv",
     "unpack_scores",
 ]

@@ -153,6 +153,16 @@ def min_scoring_tiles(num_sms: int, num_q_heads: int) -> int:
     return num_sms // (2 * num_q_heads) + 1
 
 
+def scoring_tile_heights(block_size: int, stride: int) -> list[int]:
+    """The scoring tile heights (block_m) ``plan_prefill`` picks from, largest first: the
+    default, halved down to max(16, B/S) (tiles own whole query blocks)."""
+    floor = max(16, block_size // stride)
+    heights = [XAttnPlan.DEFAULT_BLOCK_M]
+    while heights[-1] // 2 >= floor:
+        heights.append(heights[-1] // 2)
+    return heights
+
+
 def plan_prefill(
     cu_seqlens_q,
     seq_lens,
@@ -177,11 +187,14 @@ def plan_prefill(
     if len(cq) != R + 1:
         raise ValueError("cu_seqlens_q must have len(seq_lens) + 1 entries")
     if block_m is None:
-        block_m = XAttnPlan.DEFAULT_BLOCK_M
+        heights = scoring_tile_heights(B, S)
+        block_m = heights[0]
         # super-rows of whole query blocks per request -> tiles of block_m
         rows = [((n - 1) // B - (n - (cq[r + 1] - cq[r])) // B + 1) * bps for r, n in enumerate(ns)]
-        while block_m // 2 >= max(16, bps) and sum(_cdiv(x, block_m) for x in rows) < min_tiles:
-            block_m //= 2
+        for smaller in heights[1:]:
+            if sum(_cdiv(x, block_m) for x in rows) >= min_tiles:
+                break
+            block_m = smaller
     block_n = block_n or XAttnPlan.DEFAULT_BLOCK_N
     for name, v in (("block_m", block_m), ("block_n", block_n)):
         if v % bps or v < 16 or v & (v - 1):

@@ -93,6 +93,12 @@ def _default_warps(mode: str, block_k: int) -> int:
     return 1 if mode == "threshold" and block_k <= 1024 else 4
 
 
+def selection_block_k(max_kb: int) -> int:
+    """The selection kernel's BLOCK_K (a constexpr: one compiled variant per value) for a step
+    whose longest request has ``max_kb`` key blocks."""
+    return max(16, triton.next_power_of_2(max_kb))
+
+
 def select_blocks_packed(
     a_packed: Tensor,
     plan: XAttnPlan,
@@ -153,7 +159,7 @@ def select_blocks_packed(
     hs = a.shape[0]
     counts = torch.empty(hs, tqb, dtype=torch.int32, device=dev)
     ids = torch.empty(hs, tqb, max_kb, dtype=torch.int32, device=dev)
-    block_k = max(16, triton.next_power_of_2(max_kb))
+    block_k = selection_block_k(max_kb)
     _select_kernel[(tqb, hs)](
         a, rb, tau, k_row, counts, ids,
         a.stride(0), a.stride(1), counts.stride(0), ids.stride(0), ids.stride(1),
