@@ -21,12 +21,13 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from statistics import median
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (  # noqa: E402
-    SHAPES, captured_layers, causal_flops, dense_fa3, line_plot, median, paged_inputs, shape_name,
+    SHAPES, captured_layers, causal_flops, dense_fa3, line_plot, paged_inputs, shape_name,
     time_interleaved, write_records,
 )
 

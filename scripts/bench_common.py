@@ -131,12 +131,6 @@ def time_interleaved(fns: dict, *, rounds: int = 5, rep: int = 25, bench=None) -
     return times
 
 
-def median(xs) -> float:
-    xs = sorted(xs)
-    mid = len(xs) // 2
-    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
-
-
 def causal_flops(query_lens, seq_lens, num_q_heads, head_dim) -> float:
     """FLOPs of exact causal attention (QK^T and PV) for queries at the end of each sequence."""
     total = 0.0

@@ -40,13 +40,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from statistics import median
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_attention import executor_flops  # noqa: E402
 from bench_common import (  # noqa: E402
-    SHAPES, captured_layers, causal_flops, dense_fa3, line_plot, median, paged_inputs, time_interleaved,
+    SHAPES, captured_layers, causal_flops, dense_fa3, line_plot, paged_inputs, time_interleaved,
     write_records,
 )
 

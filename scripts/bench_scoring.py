@@ -13,13 +13,14 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from statistics import median
 
 import torch
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (  # noqa: E402
-    SHAPES, contiguous_kv, dense_fa3, line_plot, median, paged_inputs, time_interleaved, write_records,
+    SHAPES, contiguous_kv, dense_fa3, line_plot, paged_inputs, time_interleaved, write_records,
 )
 
 from vllm_xattn import reference as ref  # noqa: E402

@@ -31,13 +31,14 @@ import importlib.util
 import sys
 import tempfile
 from pathlib import Path
+from statistics import median
 
 import torch
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (  # noqa: E402
-    SHAPES, causal_flops, dense_fa3, median, paged_inputs, time_interleaved, write_records,
+    SHAPES, causal_flops, dense_fa3, paged_inputs, time_interleaved, write_records,
 )
 
 from vllm_xattn.kernels import plan_prefill  # noqa: E402
