@@ -12,6 +12,7 @@ from typing import ClassVar
 import torch
 from vllm.config import VllmConfig, get_current_vllm_config_or_none, get_layers_from_vllm_config
 from vllm.logger import init_logger
+from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionType, CommonAttentionMetadata
 from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionBackend,
@@ -260,7 +261,7 @@ class XAttentionImpl(FlashAttentionImpl):
             page_size=page_size, device=query.device, executor=self.executor)
         if not self._pool.warmed:
             self._pool.warmed = True
-            kv_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(self.kv_cache_dtype, query.dtype)
+            kv_dtype = kv_cache_dtype_str_to_dtype(self.kv_cache_dtype, cfg.model_config)
             executor = make_executor(self.executor, num_q_heads=self.num_heads, head_dim=self.head_size,
                                      page_size=page_size, q_dtype=query.dtype, kv_dtype=kv_dtype)
             warm_up_sparse_path(

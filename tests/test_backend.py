@@ -300,7 +300,7 @@ def test_scratch_compiles_the_sparse_path_once_per_pool(monkeypatch):
     calls = []
     monkeypatch.setattr(xattn, "warm_up_sparse_path", lambda *a, **kw: calls.append(kw))
     cfg = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_batched_tokens=8192, max_num_seqs=16),
-                          model_config=SimpleNamespace(max_model_len=65536),
+                          model_config=SimpleNamespace(max_model_len=65536, dtype=torch.bfloat16),
                           cache_config=SimpleNamespace(block_size=16))
     query = torch.zeros(10, 8, 64, dtype=torch.bfloat16)
     for layer in range(3):
