@@ -8,6 +8,8 @@ temporary module (so the product kernel carries no diagnostic switches):
 - ``no-epilogue``: the per-key-tile softmax and scratch stores replaced by a row sum of the
   accumulator (keeps the GEMM live; the scores are wrong, only the time counts);
 - ``no-load-masks``: the Q / K loads without their masks (inputs of whole tiles only);
+- ``q-evict-last`` / ``k-evict-first`` / ``q-last-k-first``: L2 eviction hints on the query
+  load (re-read at every key tile) and the key load (streamed);
 - ``contiguous-pages``: the real kernel over a cache whose pages are physically in order;
 - ``stages-3``: the real kernel with a 3-deep load pipeline instead of 4;
 - ``shared-q`` / ``shared-k``: every query head reads head 0's query (or every KV head KV head
@@ -53,10 +55,18 @@ def _lines_between(src: str, first: str, last: str) -> str:
 
 
 # The per-key-tile softmax and scratch stores, as they stand in the kernel.
-EPILOGUE = _lines_between(SRC.read_text(), "s = acc * qk_scale", "tl.store(scr_m + kt * BLOCK_M + offs_m, m_new)")
+EPILOGUE = _lines_between(SRC.read_text(), "if kt * BLOCK_N + BLOCK_N - 1 > a0:", "tl.store(scr_m + kt * BLOCK_M + offs_m, m_new)")
+# L2 hints on the two operand loads: keep the query tile (re-read at every key tile) resident,
+# let the key stream go first.
+Q_MASK, K_MASK = "mask=qmask[:, None], other=0.0)", "mask=kmask[None, :], other=0.0)"
+Q_LAST = (Q_MASK, Q_MASK[:-1] + ', eviction_policy="evict_last")')
+K_FIRST = (K_MASK, K_MASK[:-1] + ', eviction_policy="evict_first")')
 VARIANTS = {
     "no-epilogue": [(EPILOGUE, "            l_i = l_i + tl.sum(acc, 1)\n            m_i = tl.zeros([BLOCK_M], tl.float32)\n")],
-    "no-load-masks": [("mask=qmask[:, None], other=0.0)", ")"), ("mask=kmask[None, :], other=0.0)", ")")],
+    "no-load-masks": [(Q_MASK, ")"), (K_MASK, ")")],
+    "q-evict-last": [Q_LAST],
+    "k-evict-first": [K_FIRST],
+    "q-last-k-first": [Q_LAST, K_FIRST],
 }
 
 
