@@ -115,8 +115,8 @@ def _score_kernel(
             if kt * BLOCK_N + BLOCK_N - 1 > a0:  # only tiles that cross the diagonal need the causal mask
                 acc = tl.where(cols[None, :] <= rows[:, None], acc, float("-inf"))
             # The scale is applied inside the exponent (one FMA per score; qk_scale > 0 keeps
-            # the max), and the row sum comes from the per-block sums: the epilogue is ~10 % of
-            # the kernel at S=8 (benchmarks/results/scoring_probe5_h100.json).
+            # the max), and the row sum comes from the per-block sums: fewer instructions,
+            # though not measurably faster (benchmarks/results/scoring_probe6_h100.json).
             # Tile 0 holds super-column 0, visible to every row: m_i is finite from then on.
             m_new = tl.maximum(m_i, tl.max(acc, 1) * qk_scale)
             p = tl.exp2(acc * qk_scale - m_new[:, None])
