@@ -1,7 +1,7 @@
 """Host time of one scheduler step's sparse planning (what the XATTN metadata builder adds per
 step, once for all layers), by part: ``plan_prefill``, the executor's mini-request order and
-``SparseStep.from_host_plan`` with its one device copy (plan and order together). One request, no context, 32 query heads
-(Llama-3.1-8B layer), S=16; median of 7 calls after a synchronize.
+``SparseStep.from_host_plan`` with its one device copy (plan and order together). One request,
+no context, 32 query heads (Llama-3.1-8B layer), S=16; median of 7 calls after a synchronize.
 
     python scripts/bench_host_plan.py --out benchmarks/results/host_plan_h100.json
 
