@@ -159,7 +159,7 @@ class XAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
         step = SparseStep.from_host_plan(
             plan, block_table=cm.block_table_tensor[first : cm.num_reqs], tok_start=qsl[first],
             tok_end=qsl[-1], device=self.device, executor=self.executor,
-            selection_heads=self.num_heads_kv if self.xattn.granularity == "kv_group" else self.num_heads_q)
+            selection_heads=self.xattn.selection_heads(self.num_heads_q, self.num_heads_kv))
         return XAttentionMetadata(
             **{f.name: getattr(full, f.name) for f in dataclasses.fields(FlashAttentionMetadata)},
             dense=dense, sparse=step)
@@ -267,7 +267,7 @@ class XAttentionImpl(FlashAttentionImpl):
             warm_up_sparse_path(
                 self._sparse, self._pool, query, executor=executor, page_size=page_size, kv_dtype=kv_dtype,
                 max_model_len=cfg.model_config.max_model_len,
-                selection_heads=self.num_kv_heads if self.xattn.granularity == "kv_group" else self.num_heads)
+                selection_heads=self.xattn.selection_heads(self.num_heads, self.num_kv_heads))
         return self._pool
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,

@@ -52,7 +52,7 @@ def main():
                        dtype=q.dtype, cfg=cfg, page_size=kv.shape[2], device=q.device)
     sp = SparsePrefill(cfg, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, scale=d ** -0.5,
                        thresholds=None)
-    sel_heads = hkv if cfg.granularity == "kv_group" else hq
+    sel_heads = cfg.selection_heads(hq, hkv)
     min_tiles = args.min_tiles
     if min_tiles is None:
         min_tiles = min_scoring_tiles(torch.cuda.get_device_properties(0).multi_processor_count, hq)

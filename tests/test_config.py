@@ -85,3 +85,8 @@ def test_threshold_file(tmp_path):
         with pytest.raises(ValueError, match="threshold_file") as e:
             parse_xattn_config({"threshold_file": str(path)})
         assert words in str(e.value)
+
+
+def test_selection_heads_follow_the_granularity():
+    assert XAttnConfig().selection_heads(32, 8) == 32
+    assert XAttnConfig(granularity="kv_group").selection_heads(32, 8) == 8

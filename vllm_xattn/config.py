@@ -81,6 +81,11 @@ class XAttnConfig(BaseModel):
             load_threshold_table(self.threshold_file)  # fail now, not in a worker
         return self
 
+    def selection_heads(self, num_q_heads: int, num_kv_heads: int) -> int:
+        """Heads that each get their own block selection (and mini-requests): every query
+        head, or one per KV group under ``granularity: kv_group``."""
+        return num_kv_heads if self.granularity == "kv_group" else num_q_heads
+
 
 def load_threshold_table(path: Path | str) -> list[list[float]]:
     """Read and check a per-layer, per-head threshold table."""
