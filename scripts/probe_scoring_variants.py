@@ -10,6 +10,11 @@ temporary module (so the product kernel carries no diagnostic switches):
 - ``no-load-masks``: the Q / K loads without their masks (inputs of whole tiles only);
 - ``q-evict-last`` / ``k-evict-first`` / ``q-last-k-first``: L2 eviction hints on the query
   load (re-read at every key tile) and the key load (streamed);
+- ``flatten`` (``flatten, stages-5``; ``flatten-no-epilogue``): one software pipeline over the
+  whole (key tile, t, D chunk) nest (``tl.range(flatten=True)``), with the page lookup per
+  iteration, so the next key tile's loads are in flight during this tile's softmax;
+- ``n128, 2/SM`` (``n128, 2/SM, flatten``): 128-column key tiles capped at 128 registers on two
+  programs per SM, so the hardware can run one program's softmax under the other's GEMM;
 - ``contiguous-pages``: the real kernel over a cache whose pages are physically in order;
 - ``stages-3``: the real kernel with a 3-deep load pipeline instead of 4;
 - ``shared-q`` / ``shared-k``: every query head reads head 0's query (or every KV head KV head
@@ -61,12 +66,23 @@ EPILOGUE = _lines_between(SRC.read_text(), "if kt * BLOCK_N + BLOCK_N - 1 > a0:"
 Q_MASK, K_MASK = "mask=qmask[:, None], other=0.0)", "mask=kmask[None, :], other=0.0)"
 Q_LAST = (Q_MASK, Q_MASK[:-1] + ', eviction_policy="evict_last")')
 K_FIRST = (K_MASK, K_MASK[:-1] + ', eviction_policy="evict_first")')
+# One flat software pipeline over (key tile, t, D chunk) instead of one per key tile, so the
+# next tile's loads are in flight during this tile's softmax; Triton's nested-loop fusion needs
+# the K addresses computable inside the inner loop, hence the page lookup per iteration.
+KT_LOOP = "        for kt in range(0, n_kt):\n            cols"
+FLATTEN = [(KT_LOOP, KT_LOOP.replace("range(0, n_kt)", "tl.range(0, n_kt, flatten=True)"))] + [
+    ("if PAGE % S == 0:", "if False:")] * 3
+MAXNREG = ("        **kw,\n    )", "        **kw, maxnreg=128,\n    )")  # two programs per SM
 VARIANTS = {
     "no-epilogue": [(EPILOGUE, "            l_i = l_i + tl.sum(acc, 1)\n            m_i = tl.zeros([BLOCK_M], tl.float32)\n")],
     "no-load-masks": [(Q_MASK, ")"), (K_MASK, ")")],
     "q-evict-last": [Q_LAST],
     "k-evict-first": [K_FIRST],
     "q-last-k-first": [Q_LAST, K_FIRST],
+    "flatten": FLATTEN,
+    "flatten-no-epilogue": FLATTEN + [(EPILOGUE, "            l_i = l_i + tl.sum(acc, 1)\n            m_i = tl.zeros([BLOCK_M], tl.float32)\n")],
+    "maxnreg-128": [MAXNREG],
+    "flatten-maxnreg-128": FLATTEN + [MAXNREG],
 }
 
 
@@ -74,7 +90,7 @@ def load_variant(name: str, source: Path = SRC):
     src = source.read_text().replace("from .plan import XAttnPlan", "from vllm_xattn.kernels.plan import XAttnPlan")
     for old, new in VARIANTS.get(name, []):
         assert old in src, (name, old[:60])
-        src = src.replace(old, new)
+        src = src.replace(old, new, 1)
     path = Path(tempfile.mkdtemp()) / f"scoring_{name.replace('-', '_')}.py"
     path.write_text(src)  # Triton reads the kernel's source from its file
     spec = importlib.util.spec_from_file_location(path.stem, path)
@@ -127,11 +143,22 @@ def main():
             for npg in args.programs:  # fewer SMs: does each one run faster (a shared limit)?
                 cases[f"programs-{npg}"] = (lambda npg=npg: scoring.antidiagonal_scores_paged(
                     q, kv, bt, plan, num_programs=npg))
+            # 128-column key tiles at <= 128 registers: two programs per SM, so one's softmax
+            # can overlap the other's GEMM (the hardware interleaves them)
+            plan_n128 = plan_prefill(cu_q, sl, block_size=128, stride=S, block_n=128).to("cuda")
+            nsm = scoring.scoring_programs(q.device)
+            cases["flatten, stages-5"] = lambda: mods["flatten"].antidiagonal_scores_paged(q, kv, bt, plan, num_stages=5)
+            cases["n128, 2/SM"] = lambda: mods["maxnreg-128"].antidiagonal_scores_paged(
+                q, kv, bt, plan_n128, num_programs=2 * nsm, num_stages=3)
+            cases["n128, 2/SM, flatten"] = lambda: mods["flatten-maxnreg-128"].antidiagonal_scores_paged(
+                q, kv, bt, plan_n128, num_programs=2 * nsm, num_stages=3)
             plan64 = plan_prefill(cu_q, sl, block_size=128, stride=S, block_m=64).to("cuda")
             cases["head-major-q, block_m 64"] = lambda: scoring.antidiagonal_scores_paged(q_hm, kv, bt, plan64)
             want = scoring.antidiagonal_scores_paged(q, kv, bt, plan)
-            for name in ("head-major-q", "baseline"):
-                if name in cases:
+            checked = ("head-major-q", "baseline", "flatten", "flatten, stages-5", "maxnreg-128",
+                       "n128, 2/SM", "n128, 2/SM, flatten")
+            for name in checked:
+                if name in cases and (not args.only or name in args.only):
                     assert torch.allclose(cases[name](), want, rtol=1e-4, atol=1e-6), name
             cases = {k: f for k, f in cases.items() if not args.only or k in args.only}
             for fn in cases.values():
