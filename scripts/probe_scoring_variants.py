@@ -10,11 +10,6 @@ temporary module (so the product kernel carries no diagnostic switches):
 - ``no-load-masks``: the Q / K loads without their masks (inputs of whole tiles only);
 - ``q-evict-last`` / ``k-evict-first`` / ``q-last-k-first``: L2 eviction hints on the query
   load (re-read at every key tile) and the key load (streamed);
-- ``flatten`` (``flatten, stages-5``; ``flatten-no-epilogue``): one software pipeline over the
-  whole (key tile, t, D chunk) nest (``tl.range(flatten=True)``), with the page lookup per
-  iteration, so the next key tile's loads are in flight during this tile's softmax;
-- ``n128, 2/SM`` (``n128, 2/SM, flatten``): 128-column key tiles capped at 128 registers on two
-  programs per SM, so the hardware can run one program's softmax under the other's GEMM;
 - ``contiguous-pages``: the real kernel over a cache whose pages are physically in order;
 - ``stages-3``: the real kernel with a 3-deep load pipeline instead of 4;
 - ``shared-q`` / ``shared-k``: every query head reads head 0's query (or every KV head KV head
@@ -24,7 +19,9 @@ temporary module (so the product kernel carries no diagnostic switches):
   at a time): if time falls less than in proportion to N, the SMs share a limit (L2 or HBM);
 - ``baseline`` (``--baseline-src``): an earlier copy of the kernel file, e.g. before a change.
   (``mask-diagonal-only``, the causal ``where`` only on key tiles that cross the diagonal, was
-  a variant here until the kernel adopted it: ``scoring_probe2_h100.json``.)
+  a variant here until the kernel adopted it: ``scoring_probe2_h100.json``. ``flatten`` (one
+  software pipeline over all key tiles) and ``n128, 2/SM`` (128-column tiles, two programs per
+  SM) were variants at af47b74, both slower: ``scoring_probe7_h100.json``.)
 - ``head-major-q``: the real kernel reading the query from a head-major copy (what the
   executors copy it to anyway), where a super-row is S*D contiguous elements instead of S rows
   of the token-major query.
@@ -60,29 +57,19 @@ def _lines_between(src: str, first: str, last: str) -> str:
 
 
 # The per-key-tile softmax and scratch stores, as they stand in the kernel.
-EPILOGUE = _lines_between(SRC.read_text(), "if kt * BLOCK_N + BLOCK_N - 1 > a0:", "tl.store(scr_m + kt * BLOCK_M + offs_m, m_new)")
+EPILOGUE = _lines_between(SRC.read_text(), "if col0 + WIDTH - 1 > a0:", "tl.store(scr_m + slot * BLOCK_M + offs_m, m_new)")
+NO_EPILOGUE = "    l_new = l_i + tl.sum(acc, 1)\n    m_new = tl.zeros([BLOCK_M], tl.float32)\n"
 # L2 hints on the two operand loads: keep the query tile (re-read at every key tile) resident,
 # let the key stream go first.
 Q_MASK, K_MASK = "mask=qmask[:, None], other=0.0)", "mask=kmask[None, :], other=0.0)"
 Q_LAST = (Q_MASK, Q_MASK[:-1] + ', eviction_policy="evict_last")')
 K_FIRST = (K_MASK, K_MASK[:-1] + ', eviction_policy="evict_first")')
-# One flat software pipeline over (key tile, t, D chunk) instead of one per key tile, so the
-# next tile's loads are in flight during this tile's softmax; Triton's nested-loop fusion needs
-# the K addresses computable inside the inner loop, hence the page lookup per iteration.
-KT_LOOP = "        for kt in range(0, n_kt):\n            cols"
-FLATTEN = [(KT_LOOP, KT_LOOP.replace("range(0, n_kt)", "tl.range(0, n_kt, flatten=True)"))] + [
-    ("if PAGE % S == 0:", "if False:")] * 3
-MAXNREG = ("        **kw,\n    )", "        **kw, maxnreg=128,\n    )")  # two programs per SM
 VARIANTS = {
-    "no-epilogue": [(EPILOGUE, "            l_i = l_i + tl.sum(acc, 1)\n            m_i = tl.zeros([BLOCK_M], tl.float32)\n")],
+    "no-epilogue": [(EPILOGUE, NO_EPILOGUE)],
     "no-load-masks": [(Q_MASK, ")"), (K_MASK, ")")],
     "q-evict-last": [Q_LAST],
     "k-evict-first": [K_FIRST],
     "q-last-k-first": [Q_LAST, K_FIRST],
-    "flatten": FLATTEN,
-    "flatten-no-epilogue": FLATTEN + [(EPILOGUE, "            l_i = l_i + tl.sum(acc, 1)\n            m_i = tl.zeros([BLOCK_M], tl.float32)\n")],
-    "maxnreg-128": [MAXNREG],
-    "flatten-maxnreg-128": FLATTEN + [MAXNREG],
 }
 
 
@@ -143,21 +130,10 @@ def main():
             for npg in args.programs:  # fewer SMs: does each one run faster (a shared limit)?
                 cases[f"programs-{npg}"] = (lambda npg=npg: scoring.antidiagonal_scores_paged(
                     q, kv, bt, plan, num_programs=npg))
-            # 128-column key tiles at <= 128 registers: two programs per SM, so one's softmax
-            # can overlap the other's GEMM (the hardware interleaves them)
-            plan_n128 = plan_prefill(cu_q, sl, block_size=128, stride=S, block_n=128).to("cuda")
-            nsm = scoring.scoring_programs(q.device)
-            cases["flatten, stages-5"] = lambda: mods["flatten"].antidiagonal_scores_paged(q, kv, bt, plan, num_stages=5)
-            cases["n128, 2/SM"] = lambda: mods["maxnreg-128"].antidiagonal_scores_paged(
-                q, kv, bt, plan_n128, num_programs=2 * nsm, num_stages=3)
-            cases["n128, 2/SM, flatten"] = lambda: mods["flatten-maxnreg-128"].antidiagonal_scores_paged(
-                q, kv, bt, plan_n128, num_programs=2 * nsm, num_stages=3)
             plan64 = plan_prefill(cu_q, sl, block_size=128, stride=S, block_m=64).to("cuda")
             cases["head-major-q, block_m 64"] = lambda: scoring.antidiagonal_scores_paged(q_hm, kv, bt, plan64)
             want = scoring.antidiagonal_scores_paged(q, kv, bt, plan)
-            checked = ("head-major-q", "baseline", "flatten", "flatten, stages-5", "maxnreg-128",
-                       "n128, 2/SM", "n128, 2/SM, flatten")
-            for name in checked:
+            for name in ("head-major-q", "baseline"):
                 if name in cases and (not args.only or name in args.only):
                     assert torch.allclose(cases[name](), want, rtol=1e-4, atol=1e-6), name
             cases = {k: f for k, f in cases.items() if not args.only or k in args.only}
