@@ -199,7 +199,7 @@ def plan_prefill(
     for name, v in (("block_m", block_m), ("block_n", block_n)):
         if v % bps or v < 16 or v & (v - 1):
             raise ValueError(f"{name}={v} must be a power of two >= 16 and a multiple of B/S={bps}")
-    req, tiles, costs, key_tiles = [], [], [], []
+    req, tiles, costs = [], [], []
     row_block, row_request, row_q_start, row_last_len = [], [], [], []
     off, max_kb = 0, 1
     for r in range(R):
@@ -219,18 +219,14 @@ def plan_prefill(
         a_last = (n - 1) // S
         for a0 in range(qb0 * bps, (last + 1) * bps, block_m):
             tiles.append([r, a0])
-            a_hi = min(a0 + block_m - 1, a_last)
-            key_tiles.append(a_hi // block_n + 1)  # causal key tiles
-            # in half key tiles: the kernel runs a last tile whose right half lies past the
-            # diagonal at half width (when half a tile holds whole key blocks)
-            costs.append(2 * key_tiles[-1] - (block_n // 2 % bps == 0 and a_hi % block_n < block_n // 2))
+            costs.append(min(a0 + block_m - 1, a_last) // block_n + 1)  # causal key tiles
         off += n_qb
     order = sorted(range(len(tiles)), key=lambda t: -costs[t])  # longest first: balance
     i32 = lambda x: torch.tensor(x, dtype=torch.int32)
     return XAttnPlan(
         block_size=B, stride=S, block_m=block_m, block_n=block_n,
         num_requests=R, num_q_tokens=cq[-1] - cq[0], total_q_blocks=off, max_kb=max_kb,
-        max_key_tiles=max(key_tiles), num_tiles=len(tiles), q_block_offset=tuple(x[4] for x in req),
+        max_key_tiles=max(costs), num_tiles=len(tiles), q_block_offset=tuple(x[4] for x in req),
         req_meta=i32(req).reshape(R, 5), tiles=i32([tiles[t] for t in order]).reshape(-1, 2),
         row_block=i32(row_block), row_request=i32(row_request),
         row_q_start=i32(row_q_start + [cq[-1] - cq[0]]), row_last_len=i32(row_last_len),

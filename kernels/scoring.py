@@ -25,69 +25,6 @@ Tensor = torch.Tensor
 _LOG2E = 1.4426950408889634
 
 
-@triton.jit
-def _key_tile_dots(
-    q_rows, rows, k_base, bt_row, page_ids, col0, ctx, n,
-    s_qt, s_qd, s_kp, s_kn, s_kd,
-    S: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_M: tl.constexpr, WIDTH: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-):
-    """Strided scores Q~ K~^T (unscaled, float32 [BLOCK_M, WIDTH]) of one key tile: super-columns
-    col0 + [0, WIDTH). page_ids: the pages of those columns' first tokens (used if PAGE % S == 0)."""
-    ND: tl.constexpr = D // BLOCK_D
-    offs_d = tl.arange(0, BLOCK_D)
-    cols = col0 + tl.arange(0, WIDTH)
-    if PAGE % S == 0:  # a super-column lies in one page
-        k_cols = k_base + page_ids.to(tl.int64) * s_kp + ((cols * S) % PAGE) * s_kn
-    acc = tl.zeros([BLOCK_M, WIDTH], tl.float32)
-    # One flat loop over (t, D chunk): acc += Q_t @ K_t^T.
-    for it in range(0, S * ND):
-        t = it // ND
-        d = (it % ND) * BLOCK_D + offs_d
-        qpos = rows * S + (S - 1 - t)
-        qmask = (qpos >= ctx) & (qpos < n)  # context rows and the tail are zeros
-        q = tl.load(q_rows[:, None] - t * s_qt + d[None, :] * s_qd, mask=qmask[:, None], other=0.0)
-        kpos = cols * S + t
-        kmask = kpos < n
-        if PAGE % S == 0:
-            k_ptrs = k_cols + t * s_kn
-        else:
-            page_t = tl.load(bt_row + kpos // PAGE, mask=kmask, other=0).to(tl.int64)
-            k_ptrs = k_base + page_t * s_kp + (kpos % PAGE) * s_kn
-        k = tl.load(k_ptrs[None, :] + d[:, None] * s_kd, mask=kmask[None, :], other=0.0)  # K_t^T
-        if UPCAST:  # the interpreter's bf16 dot is broken; fp32 there is exact anyway
-            q = q.to(tl.float32)
-            k = k.to(tl.float32)
-        acc = tl.dot(q, k.to(q.dtype), acc, input_precision=PREC)
-    return acc
-
-
-@triton.jit
-def _key_tile_softmax(
-    acc, rows, a0, col0, slot, m_i, l_i, qk_scale, scr_p, scr_m,
-    BPS: tl.constexpr, NB_T: tl.constexpr, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr,
-):
-    """Online-softmax step of the key tile at super-column col0: stores its per-(super-row, key
-    block) probability sums at the new running max into scratch slot ``slot`` (rows of NB_T, a
-    full tile's), and that max; returns the new (m, l)."""
-    cols = col0 + tl.arange(0, WIDTH)
-    offs_m = tl.arange(0, BLOCK_M)
-    if col0 + WIDTH - 1 > a0:  # only tiles that cross the diagonal need the causal mask
-        acc = tl.where(cols[None, :] <= rows[:, None], acc, float("-inf"))
-    # The scale is applied inside the exponent (one FMA per score; qk_scale > 0 keeps
-    # the max), and the row sum comes from the per-block sums: fewer instructions,
-    # though not measurably faster (benchmarks/results/scoring_probe6_h100.json).
-    # Tile 0 holds super-column 0, visible to every row: m_i is finite from then on.
-    m_new = tl.maximum(m_i, tl.max(acc, 1) * qk_scale)
-    p = tl.exp2(acc * qk_scale - m_new[:, None])
-    psum = tl.sum(tl.reshape(p, (BLOCK_M, WIDTH // BPS, BPS)), 2)  # per (row, key block), at m_new
-    l_new = l_i * tl.exp2(m_i - m_new) + tl.sum(psum, 1)
-    p_offs = offs_m[:, None] * NB_T + tl.arange(0, WIDTH // BPS)[None, :]
-    tl.store(scr_p + slot * (BLOCK_M * NB_T) + p_offs, psum)
-    tl.store(scr_m + slot * BLOCK_M + offs_m, m_new)
-    return m_new, l_new
-
-
 # Per-step ints (work count, key-tile bound) are not specialised on, so a new batch shape
 # never triggers a recompile mid-serving; nor is the block table's row stride (vLLM's table
 # width), so the warm-up's own table compiles the same kernel (backends/warmup.py).
@@ -106,11 +43,11 @@ def _score_kernel(
     BPS: tl.constexpr = B // S  # super-tokens per block
     NB_T: tl.constexpr = BLOCK_N // BPS  # key blocks per key tile
     QB_T: tl.constexpr = BLOCK_M // BPS  # query blocks per work tile
-    HALF: tl.constexpr = BLOCK_N // 2
+    ND: tl.constexpr = D // BLOCK_D
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_h = tl.arange(0, HALF)
+    offs_d = tl.arange(0, BLOCK_D)
     offs_nb = tl.arange(0, NB_T)
     # This program's private scratch: [max_kt, BLOCK_M, NB_T] partial sums, [max_kt, BLOCK_M] maxima.
     scr_p = scr_p_ptr + pid.to(tl.int64) * max_kt * (BLOCK_M * NB_T)
@@ -134,14 +71,7 @@ def _score_kernel(
         hk = h // group
         rows = a0 + offs_m  # absolute super-rows
         a_last = (n - 1) // S
-        a_hi = tl.minimum(a0 + BLOCK_M - 1, a_last)  # the tile's last present super-row
-        n_kt = a_hi // BLOCK_N + 1
-        # When the tile's last row lies in the left half of its last key tile, that tile's
-        # right half is wholly above the diagonal: it runs at half width (at 32K / S=16 that
-        # is 4 of every 72 key tiles of work), if half a tile holds whole key blocks.
-        n_full = n_kt
-        if NB_T % 2 == 0:
-            n_full = n_kt - (a_hi % BLOCK_N < HALF).to(tl.int32)
+        n_kt = tl.minimum(a0 + BLOCK_M - 1, a_last) // BLOCK_N + 1
         q_base = q_ptr + h.to(tl.int64) * s_qh
         k_base = kv_ptr + hk.to(tl.int64) * s_kh
         bt_row = bt_ptr + r.to(tl.int64) * s_bt
@@ -150,32 +80,55 @@ def _score_kernel(
         l_i = tl.zeros([BLOCK_M], tl.float32)
         # Row pointers of Q[a*S + S-1] (t = 0); Q_t rows are t tokens earlier.
         q_rows = q_base + (q_start + rows * S + (S - 1) - ctx).to(tl.int64) * s_qt
-        # Each key tile loads the next one's page ids before its GEMM, so the page-table
-        # lookup is not on the critical path of the next tile's first K loads.
-        kpos_next = offs_n * S
-        page_next = tl.load(bt_row + kpos_next // PAGE, mask=kpos_next < n, other=0)
-        for kt in range(0, n_full):
-            page_ids = page_next
-            kpos_next = (kt * BLOCK_N + BLOCK_N + offs_n) * S
+        if PAGE % S == 0:  # a super-column lies in one page: look the pages up once per key tile
+            # Each key tile loads the next one's page ids before its GEMM, so the page-table
+            # lookup is not on the critical path of the next tile's first K loads.
+            kpos_next = offs_n * S
             page_next = tl.load(bt_row + kpos_next // PAGE, mask=kpos_next < n, other=0)
-            acc = _key_tile_dots(q_rows, rows, k_base, bt_row, page_ids, kt * BLOCK_N, ctx, n,
-                                 s_qt, s_qd, s_kp, s_kn, s_kd,
-                                 S, D, BLOCK_D, PAGE, BLOCK_M, BLOCK_N, PREC, UPCAST)
-            m_i, l_i = _key_tile_softmax(acc, rows, a0, kt * BLOCK_N, kt, m_i, l_i, qk_scale, scr_p, scr_m,
-                                         BPS, NB_T, BLOCK_M, BLOCK_N)
-        if NB_T % 2 == 0 and n_full < n_kt:  # key tile n_full, left half only
-            kpos_h = (n_full * BLOCK_N + offs_h) * S
-            page_h = tl.load(bt_row + kpos_h // PAGE, mask=kpos_h < n, other=0)
-            acc_h = _key_tile_dots(q_rows, rows, k_base, bt_row, page_h, n_full * BLOCK_N, ctx, n,
-                                   s_qt, s_qd, s_kp, s_kn, s_kd,
-                                   S, D, BLOCK_D, PAGE, BLOCK_M, HALF, PREC, UPCAST)
-            m_i, l_i = _key_tile_softmax(acc_h, rows, a0, n_full * BLOCK_N, n_full, m_i, l_i, qk_scale,
-                                         scr_p, scr_m, BPS, NB_T, BLOCK_M, HALF)
+        for kt in range(0, n_kt):
+            cols = kt * BLOCK_N + offs_n
+            if PAGE % S == 0:
+                kpos0 = cols * S
+                k_cols = k_base + page_next.to(tl.int64) * s_kp + (kpos0 % PAGE) * s_kn
+                kpos_next = kpos0 + BLOCK_N * S
+                page_next = tl.load(bt_row + kpos_next // PAGE, mask=kpos_next < n, other=0)
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            # One flat loop over (t, D chunk): acc += Q_t @ K_t^T.
+            for it in range(0, S * ND):
+                t = it // ND
+                d = (it % ND) * BLOCK_D + offs_d
+                qpos = rows * S + (S - 1 - t)
+                qmask = (qpos >= ctx) & (qpos < n)  # context rows and the tail are zeros
+                q = tl.load(q_rows[:, None] - t * s_qt + d[None, :] * s_qd, mask=qmask[:, None], other=0.0)
+                kpos = cols * S + t
+                kmask = kpos < n
+                if PAGE % S == 0:
+                    k_ptrs = k_cols + t * s_kn
+                else:
+                    page_t = tl.load(bt_row + kpos // PAGE, mask=kmask, other=0).to(tl.int64)
+                    k_ptrs = k_base + page_t * s_kp + (kpos % PAGE) * s_kn
+                k = tl.load(k_ptrs[None, :] + d[:, None] * s_kd, mask=kmask[None, :], other=0.0)  # K_t^T
+                if UPCAST:  # the interpreter's bf16 dot is broken; fp32 there is exact anyway
+                    q = q.to(tl.float32)
+                    k = k.to(tl.float32)
+                acc = tl.dot(q, k.to(q.dtype), acc, input_precision=PREC)
+            if kt * BLOCK_N + BLOCK_N - 1 > a0:  # only tiles that cross the diagonal need the causal mask
+                acc = tl.where(cols[None, :] <= rows[:, None], acc, float("-inf"))
+            # The scale is applied inside the exponent (one FMA per score; qk_scale > 0 keeps
+            # the max), and the row sum comes from the per-block sums: fewer instructions,
+            # though not measurably faster (benchmarks/results/scoring_probe6_h100.json).
+            # Tile 0 holds super-column 0, visible to every row: m_i is finite from then on.
+            m_new = tl.maximum(m_i, tl.max(acc, 1) * qk_scale)
+            p = tl.exp2(acc * qk_scale - m_new[:, None])
+            psum = tl.sum(tl.reshape(p, (BLOCK_M, NB_T, BPS)), 2)  # per (row, key block), at m_new
+            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(psum, 1)
+            m_i = m_new
+            tl.store(scr_p + kt * (BLOCK_M * NB_T) + p_offs, psum)
+            tl.store(scr_m + kt * BLOCK_M + offs_m, m_new)
         tl.debug_barrier()  # scratch written by other threads of this program
 
         # Rescale to the final (m, l) and pool rows into query blocks. Only present
-        # super-rows count: ctx//S <= a <= (N-1)//S; only key blocks some row sees are
-        # stored (the half tile leaves the rest of its slot unwritten; A is zero there).
+        # super-rows count: ctx//S <= a <= (N-1)//S.
         row_ok = (rows >= ctx // S) & (rows <= a_last)
         inv_l = tl.where(row_ok, 1.0 / l_i, 0.0)
         blk0 = a0 // BPS
@@ -183,14 +136,14 @@ def _score_kernel(
         out_rows = qb_off + qblk - qb0
         a_rows = a_ptr + h.to(tl.int64) * s_ah + out_rows.to(tl.int64)[:, None] * s_ar
         rmask = qblk <= (n - 1) // B
-        kb_end = a_hi // BPS + 1  # key blocks visible to the tile's rows
+        n_kb = (n - 1) // B + 1
         for kt in range(0, n_kt):
             psum = tl.load(scr_p + kt * (BLOCK_M * NB_T) + p_offs)
             m_t = tl.load(scr_m + kt * BLOCK_M + offs_m)
             wgt = tl.exp2(m_t - m_i) * inv_l
             blk = tl.sum(tl.reshape(psum * wgt[:, None], (QB_T, BPS, NB_T)), 1)
             jcols = kt * NB_T + offs_nb
-            tl.store(a_rows + jcols[None, :], blk, mask=rmask[:, None] & (jcols < kb_end)[None, :])
+            tl.store(a_rows + jcols[None, :], blk, mask=rmask[:, None] & (jcols < n_kb)[None, :])
         tl.debug_barrier()  # before the next work item overwrites the scratch
         w = tl.atomic_add(queue_ptr, 1)
 

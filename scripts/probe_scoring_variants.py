@@ -57,8 +57,8 @@ def _lines_between(src: str, first: str, last: str) -> str:
 
 
 # The per-key-tile softmax and scratch stores, as they stand in the kernel.
-EPILOGUE = _lines_between(SRC.read_text(), "if col0 + WIDTH - 1 > a0:", "tl.store(scr_m + slot * BLOCK_M + offs_m, m_new)")
-NO_EPILOGUE = "    l_new = l_i + tl.sum(acc, 1)\n    m_new = tl.zeros([BLOCK_M], tl.float32)\n"
+EPILOGUE = _lines_between(SRC.read_text(), "if kt * BLOCK_N + BLOCK_N - 1 > a0:", "tl.store(scr_m + kt * BLOCK_M + offs_m, m_new)")
+NO_EPILOGUE = "            l_i = l_i + tl.sum(acc, 1)\n            m_i = tl.zeros([BLOCK_M], tl.float32)\n"
 # L2 hints on the two operand loads: keep the query tile (re-read at every key tile) resident,
 # let the key stream go first.
 Q_MASK, K_MASK = "mask=qmask[:, None], other=0.0)", "mask=kmask[None, :], other=0.0)"
@@ -75,7 +75,7 @@ VARIANTS = {
 
 def load_variant(name: str, source: Path = SRC):
     src = source.read_text().replace("from .plan import XAttnPlan", "from vllm_xattn.kernels.plan import XAttnPlan")
-    for old, new in VARIANTS.get(name, []):
+    for old, new in VARIANTS[name] if source == SRC else []:  # a name typo fails here
         assert old in src, (name, old[:60])
         src = src.replace(old, new, 1)
     path = Path(tempfile.mkdtemp()) / f"scoring_{name.replace('-', '_')}.py"

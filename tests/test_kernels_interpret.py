@@ -136,18 +136,6 @@ def test_plan_layout():
     assert cu.tolist() == [0, 62, 70, 134, 198, 200, 233, 295, 303, 367, 431, 433, 466]
 
 
-def test_plan_orders_tiles_by_half_key_tiles():
-    """Longest first in the kernel's work: a tile whose last row lies in the left half of its
-    last key tile runs that tile at half width, so it comes after the next tile down."""
-    plan = plan_prefill([0, 32768], [32768], block_size=128, stride=16)  # 16 tiles of 128 rows
-    assert (plan.block_m, plan.block_n, plan.max_key_tiles) == (128, 256, 8)
-    # tile i has i // 2 + 1 key tiles, the last at half width for even i: work 16, 15, 14, ...
-    assert plan.tiles[:, 1].tolist() == [128 * i for i in range(15, -1, -1)]
-    # the same tiles at a key tile of one block (B/S = 32 super-columns): no half tiles
-    whole = plan_prefill([0, 512], [512], block_size=128, stride=4, block_m=32, block_n=32)
-    assert whole.tiles[:, 1].tolist() == [96, 64, 32, 0] and whole.max_key_tiles == 4
-
-
 def test_plan_shrinks_scoring_tiles_for_small_steps():
     """min_tiles: block_m halves only while a step has at most ~SMs / 2 work items (H100: 132)."""
     from vllm_xattn.kernels import min_scoring_tiles
