@@ -1,0 +1,286 @@
+"""Warp-specialised scoring kernel (Gluon, Hopper): a prototype, not used by the backend.
+
+Same inputs, outputs and scratch as ``kernels/scoring.py``'s ``antidiagonal_scores_paged``
+(read that docstring first), different execution: the Triton kernel's 8 warps both compute the
+load addresses and run the MMAs, pipelined within one key tile, and stop loading during each
+tile's softmax. Here a loader partition (one warpgroup) claims work items from the shared
+counter, passes them on through a small shared-memory queue and keeps a ring of Q / K stages
+filled with ``cp.async`` across key tiles and work items; the compute partition (two
+warpgroups) only waits, issues async wgmma and runs the softmax epilogue and the rescale pass.
+Probe 6/7 (README, "Where scoring's time goes") found no cheaper way to hide the loads and the
+epilogue in plain Triton.
+
+Status: compiles for sm_90a (``tests/test_scoring_ws_prototype.py``); it has not run on a
+GPU yet. ``scripts/probe_scoring_variants.py --only real ws-prototype`` checks its scores
+against the kernel and times it; it moves into ``kernels/`` only if it is right and faster.
+
+Limits (the wrapper checks them): bf16 / fp16 inputs, head dim a multiple of 64 (the
+Llama and Qwen layers: 128 and 64), contiguous head dim in q and the cache, 16-byte aligned
+rows, PAGE % S == 0, 128-row work tiles (the default) and key tiles of at most 256.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    async_copy, fence_async_shared, mbarrier, warpgroup_mma, warpgroup_mma_wait,
+)
+
+from vllm_xattn.kernels.plan import XAttnPlan
+from vllm_xattn.kernels.scoring import _LOG2E, scoring_programs, scoring_workspace_numel
+
+Tensor = torch.Tensor
+_BLOCK_D = 64  # one stage: Q [BLOCK_M, 64] + K [BLOCK_N, 64], 48 KB at 128 x 256 (bf16)
+BLOCK_D = gl.constexpr(_BLOCK_D)
+QUEUE = gl.constexpr(2)  # work items in flight between the partitions
+
+
+@gluon.jit
+def _loader(q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_ptr, queue_ptr,
+            n_work, num_q_heads, group, s_qt, s_qh, s_kp, s_kh, s_kn, s_bt, s_ah, s_ar, max_kt, qk_scale,
+            q_ring, k_ring, ready, empty, wq_smem, wq_ready, wq_empty,
+            S: gl.constexpr, D: gl.constexpr, B: gl.constexpr, PAGE: gl.constexpr,
+            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
+    NW: gl.constexpr = gl.num_warps()
+    ND: gl.constexpr = D // BLOCK_D
+    # 16-byte vectors along the head dim: 8 lanes cover one 64-element row chunk
+    ld_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NW, 1], [1, 0])
+    one_l: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
+    offs_m = gl.arange(0, BLOCK_M, gl.SliceLayout(1, ld_l))
+    offs_n = gl.arange(0, BLOCK_N, gl.SliceLayout(1, ld_l))
+    offs_d = gl.arange(0, BLOCK_D, gl.SliceLayout(0, ld_l))
+    it = 0  # stages filled so far (ring position and phase)
+    t = 0  # work items published so far
+    w = 0
+    while w < n_work:
+        w = gl.atomic_add(queue_ptr, 1)  # longest items first (plan order)
+        slot = t % QUEUE
+        mbarrier.wait(wq_empty.index(slot), ((t // QUEUE) & 1) ^ 1)
+        wq_smem.index(slot).store(gl.full([1], w, gl.int32, one_l))
+        mbarrier.arrive(wq_ready.index(slot))  # also publishes the end (w >= n_work)
+        t += 1
+        if w < n_work:
+            tile = w // num_q_heads  # heads innermost: neighbours share K in L2
+            h = w % num_q_heads
+            r = gl.load(tiles_ptr + 2 * tile)
+            a0 = gl.load(tiles_ptr + 2 * tile + 1)
+            q_start = gl.load(req_ptr + 5 * r)
+            ctx = gl.load(req_ptr + 5 * r + 1)
+            n = gl.load(req_ptr + 5 * r + 2)
+            rows = a0 + offs_m
+            n_kt = gl.minimum(a0 + BLOCK_M - 1, (n - 1) // S) // BLOCK_N + 1
+            # Row pointers of Q[a*S + S-1] (t = 0); Q_t rows are t tokens earlier.
+            # (16-byte aligned rows: the wrapper checks the strides; cp.async needs the hint)
+            q_rows = gl.multiple_of(q_ptr + h.to(gl.int64) * s_qh
+                                    + (q_start + rows * S + (S - 1) - ctx).to(gl.int64) * s_qt, 16)
+            k_base = kv_ptr + (h // group).to(gl.int64) * s_kh
+            bt_row = bt_ptr + r.to(gl.int64) * s_bt
+            for kt in range(n_kt):
+                kpos0 = (kt * BLOCK_N + offs_n) * S  # a super-column lies in one page
+                page = gl.load(bt_row + kpos0 // PAGE, mask=kpos0 < n, other=0)
+                k_cols = gl.multiple_of(k_base + page.to(gl.int64) * s_kp + (kpos0 % PAGE) * s_kn, 16)
+                for i in range(S * ND):
+                    tt = i // ND
+                    d = (i % ND) * BLOCK_D + offs_d
+                    s = it % NUM_STAGES
+                    mbarrier.wait(empty.index(s), ((it // NUM_STAGES) & 1) ^ 1)
+                    qpos = rows * S + (S - 1 - tt)
+                    qmask = (qpos >= ctx) & (qpos < n)  # context rows and the tail are zeros
+                    async_copy.async_copy_global_to_shared(
+                        q_ring.index(s), q_rows[:, None] - tt * s_qt + d[None, :], mask=qmask[:, None])
+                    async_copy.async_copy_global_to_shared(
+                        k_ring.index(s), k_cols[:, None] + tt * s_kn + d[None, :],
+                        mask=(kpos0 + tt < n)[:, None])
+                    # every loader thread arrives once its own copies have landed (init count)
+                    async_copy.mbarrier_arrive(ready.index(s), increment_count=False)
+                    it += 1
+    # Stay until the compute partition has released every stage: the last copies are in
+    # flight when the end is published, and they must land before these warps exit.
+    for j in gl.static_range(NUM_STAGES):
+        mbarrier.wait(empty.index((it + j) % NUM_STAGES), (((it + j) // NUM_STAGES) & 1) ^ 1)
+
+
+@gluon.jit
+def _compute(q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_ptr, queue_ptr,
+             n_work, num_q_heads, group, s_qt, s_qh, s_kp, s_kh, s_kn, s_bt, s_ah, s_ar, max_kt, qk_scale,
+             q_ring, k_ring, ready, empty, wq_smem, wq_ready, wq_empty,
+             S: gl.constexpr, D: gl.constexpr, B: gl.constexpr, PAGE: gl.constexpr,
+             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
+    NW: gl.constexpr = gl.num_warps()
+    ND: gl.constexpr = D // BLOCK_D
+    BPS: gl.constexpr = B // S  # super-tokens per block
+    NB_T: gl.constexpr = BLOCK_N // BPS  # key blocks per key tile
+    QB_T: gl.constexpr = BLOCK_M // BPS  # query blocks per work tile
+    acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                    instr_shape=[16, BLOCK_N, 16])
+    one_l: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
+    row_l: gl.constexpr = gl.SliceLayout(1, acc_l)
+    offs_m = gl.arange(0, BLOCK_M, row_l)
+    offs_n = gl.arange(0, BLOCK_N, gl.SliceLayout(0, acc_l))
+    # This program's private scratch: [max_kt, BLOCK_M, NB_T] partial sums, [max_kt, BLOCK_M] maxima.
+    pid = gl.program_id(0)
+    scr_p = scr_p_ptr + pid.to(gl.int64) * max_kt * (BLOCK_M * NB_T)
+    scr_m = scr_m_ptr + pid.to(gl.int64) * max_kt * BLOCK_M
+    it = 0
+    t = 0
+    w = 0
+    while w < n_work:
+        slot = t % QUEUE
+        mbarrier.wait(wq_ready.index(slot), (t // QUEUE) & 1)
+        w = gl.max(wq_smem.index(slot).load(one_l), axis=0)
+        mbarrier.arrive(wq_empty.index(slot))
+        t += 1
+        if w < n_work:
+            tile = w // num_q_heads
+            h = w % num_q_heads
+            r = gl.load(tiles_ptr + 2 * tile)
+            a0 = gl.load(tiles_ptr + 2 * tile + 1)
+            ctx = gl.load(req_ptr + 5 * r + 1)
+            n = gl.load(req_ptr + 5 * r + 2)
+            qb0 = gl.load(req_ptr + 5 * r + 3)
+            qb_off = gl.load(req_ptr + 5 * r + 4)
+            rows = a0 + offs_m
+            a_last = (n - 1) // S
+            n_kt = gl.minimum(a0 + BLOCK_M - 1, a_last) // BLOCK_N + 1
+            m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_l)
+            l_i = gl.zeros([BLOCK_M], gl.float32, row_l)
+            for kt in range(n_kt):
+                acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_l)
+                for i in range(S * ND):
+                    s = it % NUM_STAGES
+                    mbarrier.wait(ready.index(s), (it // NUM_STAGES) & 1)
+                    fence_async_shared()  # cp.async (generic proxy) writes -> wgmma (async proxy) reads
+                    acc = warpgroup_mma(q_ring.index(s), k_ring.index(s).permute((1, 0)), acc,
+                                        use_acc=i > 0, is_async=True)
+                    # one MMA in flight: the previous stage's has retired, give it back
+                    acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+                    if i > 0:
+                        mbarrier.arrive(empty.index((it - 1) % NUM_STAGES))
+                    it += 1
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                mbarrier.arrive(empty.index((it - 1) % NUM_STAGES))
+
+                # The epilogue of kernels/scoring.py, in the wgmma accumulator's layout.
+                cols = kt * BLOCK_N + offs_n
+                if kt * BLOCK_N + BLOCK_N - 1 > a0:  # only tiles that cross the diagonal
+                    acc = gl.where(cols[None, :] <= rows[:, None], acc, float("-inf"))
+                m_new = gl.maximum(m_i, gl.max(acc, 1) * qk_scale)
+                p = gl.exp2(acc * qk_scale - m_new[:, None])
+                psum = gl.sum(gl.reshape(p, [BLOCK_M, NB_T, BPS]), axis=2)  # per (row, key block)
+                red_l: gl.constexpr = psum.type.layout
+                l_i = l_i * gl.exp2(m_i - m_new) + gl.convert_layout(gl.sum(psum, 1), row_l)
+                m_i = m_new
+                pr = gl.arange(0, BLOCK_M, gl.SliceLayout(1, red_l))
+                pc = gl.arange(0, NB_T, gl.SliceLayout(0, red_l))
+                gl.store(scr_p + kt * (BLOCK_M * NB_T) + pr[:, None] * NB_T + pc[None, :], psum)
+                gl.store(scr_m + kt * BLOCK_M + offs_m, m_new)
+            gl.thread_barrier()  # scratch written by other threads of this partition
+
+            # Rescale to the final (m, l) and pool rows into query blocks (as kernels/scoring.py).
+            sc_l: gl.constexpr = gl.BlockedLayout([1, 1], [32 // NB_T if NB_T < 32 else 1, NB_T if NB_T < 32 else 32],
+                                                  [NW, 1], [1, 0])
+            sr = gl.arange(0, BLOCK_M, gl.SliceLayout(1, sc_l))
+            sc = gl.arange(0, NB_T, gl.SliceLayout(0, sc_l))
+            rows_s = a0 + sr
+            row_ok = (rows_s >= ctx // S) & (rows_s <= a_last)
+            m_fin = gl.convert_layout(m_i, gl.SliceLayout(1, sc_l))
+            inv_l = gl.where(row_ok, 1.0 / gl.convert_layout(l_i, gl.SliceLayout(1, sc_l)), 0.0)
+            for kt in range(n_kt):
+                ps = gl.load(scr_p + kt * (BLOCK_M * NB_T) + sr[:, None] * NB_T + sc[None, :])
+                m_t = gl.load(scr_m + kt * BLOCK_M + sr)
+                wgt = gl.exp2(m_t - m_fin) * inv_l
+                blk = gl.sum(gl.reshape(ps * wgt[:, None], [QB_T, BPS, NB_T]), axis=1)
+                blk_l: gl.constexpr = blk.type.layout
+                qblk = a0 // BPS + gl.arange(0, QB_T, gl.SliceLayout(1, blk_l))
+                jcols = kt * NB_T + gl.arange(0, NB_T, gl.SliceLayout(0, blk_l))
+                out_rows = qb_off + qblk - qb0
+                a_rows = a_ptr + h.to(gl.int64) * s_ah + out_rows.to(gl.int64)[:, None] * s_ar
+                ok = (qblk <= (n - 1) // B)[:, None] & (jcols < (n - 1) // B + 1)[None, :]
+                gl.store(a_rows + jcols[None, :], blk, mask=ok)
+            gl.thread_barrier()  # before the next work item overwrites the scratch
+
+
+@gluon.jit
+def _score_ws_kernel(q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_ptr, queue_ptr,
+                     n_work, num_q_heads, group, s_qt, s_qh, s_kp, s_kh, s_kn, s_bt, s_ah, s_ar, max_kt, qk_scale,
+                     S: gl.constexpr, D: gl.constexpr, B: gl.constexpr, PAGE: gl.constexpr,
+                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+                     LOADER_REGS: gl.constexpr):
+    dtype: gl.constexpr = q_ptr.dtype.element_ty
+    q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_D], dtype)
+    k_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_D], dtype)
+    q_ring = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, BLOCK_D], q_sl)
+    k_ring = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, BLOCK_D], k_sl)
+    ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    wq_smem = gl.allocate_shared_memory(gl.int32, [QUEUE, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    wq_ready = gl.allocate_shared_memory(gl.int64, [QUEUE, 1], mbarrier.MBarrierLayout())
+    wq_empty = gl.allocate_shared_memory(gl.int64, [QUEUE, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(NUM_STAGES):
+        mbarrier.init(ready.index(i), count=4 * 32)  # each loader thread's cp.async arrival
+        mbarrier.init(empty.index(i), count=1)  # one arrival after the compute partition's barrier
+    for i in gl.static_range(QUEUE):
+        mbarrier.init(wq_ready.index(i), count=1)
+        mbarrier.init(wq_empty.index(i), count=1)
+    # (the argument tuples are written out: a tuple held in a variable turns the constexprs
+    # into tensors)
+    gl.warp_specialize([
+        (_compute, (q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_ptr, queue_ptr,
+                    n_work, num_q_heads, group, s_qt, s_qh, s_kp, s_kh, s_kn, s_bt, s_ah, s_ar, max_kt,
+                    qk_scale, q_ring, k_ring, ready, empty, wq_smem, wq_ready, wq_empty,
+                    S, D, B, PAGE, BLOCK_M, BLOCK_N, NUM_STAGES)),
+        (_loader, (q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_ptr, queue_ptr,
+                   n_work, num_q_heads, group, s_qt, s_qh, s_kp, s_kh, s_kn, s_bt, s_ah, s_ar, max_kt,
+                   qk_scale, q_ring, k_ring, ready, empty, wq_smem, wq_ready, wq_empty,
+                   S, D, B, PAGE, BLOCK_M, BLOCK_N, NUM_STAGES)),
+    ], [4], [LOADER_REGS])
+
+
+def antidiagonal_scores_paged_ws(
+    q: Tensor, kv_cache: Tensor, block_table: Tensor, plan: XAttnPlan, *,
+    num_programs: int | None = None, out: Tensor | None = None, workspace: Tensor | None = None,
+    num_stages: int = 4, loader_regs: int = 112,
+) -> Tensor:
+    """``antidiagonal_scores_paged`` through the warp-specialised kernel (same contract)."""
+    T, hq, d = q.shape
+    num_pages, hkv, page, two_d = kv_cache.shape
+    B, S = plan.block_size, plan.stride
+    if two_d != 2 * d or hq % hkv or B % page:
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)} vs kv_cache {tuple(kv_cache.shape)}")
+    if q.dtype not in (torch.bfloat16, torch.float16) or kv_cache.dtype != q.dtype:
+        raise ValueError(f"bf16 / fp16 only, got {q.dtype} / {kv_cache.dtype}")
+    if d % _BLOCK_D or q.stride(2) != 1 or kv_cache.stride(3) != 1 or page % S:
+        raise ValueError(f"needs head_dim % {_BLOCK_D} == 0, a contiguous head dim and page % stride == 0")
+    # cp.async moves 16-byte vectors: every row the kernel reads starts 16-byte aligned
+    strides = (q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2))
+    if any(x % 8 for x in strides) or q.data_ptr() % 16 or kv_cache.data_ptr() % 16:
+        raise ValueError(f"needs 16-byte aligned rows: strides {strides}")
+    if block_table.stride(1) != 1:
+        raise ValueError("block_table rows must be contiguous")
+    if plan.block_m != 128 or plan.block_n > 256:  # two warpgroups of 64 rows; wgmma N <= 256
+        raise ValueError(f"needs block_m 128 and block_n <= 256, got {plan.block_m} / {plan.block_n}")
+    n_work = plan.num_tiles * hq
+    nprog = num_programs or max(1, min(n_work, scoring_programs(q.device)))
+    if out is None:
+        out = torch.zeros(hq, plan.total_q_blocks, plan.max_kb, dtype=torch.float32, device=q.device)
+    else:
+        out.zero_()
+    need = scoring_workspace_numel(plan, nprog)
+    if workspace is None:
+        workspace = torch.empty(need, dtype=torch.float32, device=q.device)
+    n_m = nprog * plan.max_key_tiles * plan.block_m
+    scr_m, scr_p = workspace[:n_m], workspace[n_m:need - 1]
+    queue = workspace[need - 1:need].view(torch.int32)
+    queue.zero_()
+    _score_ws_kernel[(nprog,)](
+        q, kv_cache, block_table, out, scr_p, scr_m, plan.tiles, plan.req_meta, queue,
+        n_work, hq, hq // hkv, q.stride(0), q.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), block_table.stride(0),
+        out.stride(0), out.stride(1), plan.max_key_tiles, _LOG2E / (math.sqrt(d) * S),
+        S=S, D=d, B=B, PAGE=page, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
+        NUM_STAGES=num_stages, LOADER_REGS=loader_regs, num_warps=8,
+    )
+    return out
