@@ -10,8 +10,8 @@ warpgroups) only waits, issues async wgmma and runs the softmax epilogue and the
 Probe 6/7 (README, "Where scoring's time goes") found no cheaper way to hide the loads and the
 epilogue in plain Triton.
 
-Status: compiles for sm_90a (``tests/test_scoring_ws_prototype.py``); it has not run on a
-GPU yet. ``scripts/probe_scoring_variants.py --only real ws-prototype`` checks its scores
+Status: compiles for sm_90a without a GPU (``python scripts/scoring_ws_prototype.py --compile``,
+run by ``tests/test_scoring_ws_prototype.py``); it has not run on a GPU yet. ``scripts/probe_scoring_variants.py --only real ws-prototype`` checks its scores
 against the kernel and times it; it moves into ``kernels/`` only if it is right and faster.
 
 Limits (the wrapper checks them): bf16 / fp16 inputs, head dim a multiple of 64 (the
@@ -20,7 +20,14 @@ rows, PAGE % S == 0, 128-row work tiles (the default) and key tiles of at most 2
 """
 from __future__ import annotations
 
+import argparse
+import inspect
+import json
 import math
+import re
+import subprocess
+import tempfile
+from pathlib import Path
 
 import torch
 from triton.experimental import gluon
@@ -284,3 +291,47 @@ def antidiagonal_scores_paged_ws(
         NUM_STAGES=num_stages, LOADER_REGS=loader_regs, num_warps=8,
     )
     return out
+
+
+_POINTERS = {"q_ptr": "*bf16", "kv_ptr": "*bf16", "bt_ptr": "*i32", "a_ptr": "*fp32", "scr_p_ptr": "*fp32",
+             "scr_m_ptr": "*fp32", "tiles_ptr": "*i32", "req_ptr": "*i32", "queue_ptr": "*i32"}
+_ALIGNED = ("s_qt", "s_qh", "s_kp", "s_kh", "s_kn", "s_ah", "s_ar")  # multiples of 16, as launches see them
+
+
+def compile_report(stride: int, head_dim: int, *, block_size: int = 128, page: int = 16, block_n: int = 256,
+                   num_stages: int = 4, loader_regs: int = 112) -> dict:
+    """Compile the kernel for sm_90a without a GPU (Triton's own ptxas) and report what ptxas
+    says. Gluon must be imported without TRITON_INTERPRET (its reductions are jit functions)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    params = list(inspect.signature(_score_ws_kernel.fn).parameters)
+    consts = dict(S=stride, D=head_dim, B=block_size, PAGE=page, BLOCK_M=128, BLOCK_N=block_n,
+                  NUM_STAGES=num_stages, LOADER_REGS=loader_regs)
+    sig = {p: _POINTERS.get(p) or ("constexpr" if p in consts else "fp32" if p == "qk_scale" else "i32")
+           for p in params}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p in _POINTERS or p in _ALIGNED}
+    k = triton.compile(GluonASTSource(fn=_score_ws_kernel, signature=sig, constexprs=consts, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp) / "k.ptx"
+        ptx.write_text(k.asm["ptx"])
+        ptxas = Path(triton.backends.nvidia.__path__[0]) / "bin" / "ptxas"
+        res = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", str(ptx), "-o", str(Path(tmp) / "k.cubin")],
+                             capture_output=True, text=True)
+    spills = re.findall(r"(\d+) bytes spill stores", res.stderr)
+    return dict(ptxas_ok=res.returncode == 0, ptxas=res.stderr.strip()[-2000:], num_warps=k.metadata.num_warps,
+                shared_bytes=k.metadata.shared, spill_store_bytes=[int(x) for x in spills],
+                setmaxnreg=re.findall(r"setmaxnreg\.(\w+)\.sync\.aligned\.u32\s+(\d+)", k.asm["ptx"]))
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--compile", nargs=2, type=int, metavar=("STRIDE", "HEAD_DIM"), required=True,
+                    help="compile for sm_90a and print ptxas' report as JSON")
+    ap.add_argument("--block-size", type=int, default=128)
+    ap.add_argument("--page", type=int, default=16)
+    ap.add_argument("--block-n", type=int, default=256)
+    a = ap.parse_args()
+    print(json.dumps(compile_report(*a.compile, block_size=a.block_size, page=a.page, block_n=a.block_n)))
