@@ -187,6 +187,26 @@ def scoring_programs(device) -> int:
     return _SM_COUNT[idx]
 
 
+def scoring_buffers(plan: XAttnPlan, num_q_heads: int, num_programs: int, device,
+                    out: Tensor | None = None, workspace: Tensor | None = None):
+    """The scoring kernel's zeroed output A and its views of the workspace: (A, partial-sum
+    scratch, row-max scratch, work counter set to 0). Allocates what is not passed."""
+    if out is None:
+        out = torch.zeros(num_q_heads, plan.total_q_blocks, plan.max_kb, dtype=torch.float32, device=device)
+    else:
+        out.zero_()
+    need = scoring_workspace_numel(plan, num_programs)
+    if workspace is None:
+        workspace = torch.empty(need, dtype=torch.float32, device=device)
+    elif workspace.numel() < need or workspace.dtype != torch.float32:
+        raise ValueError(f"workspace must be float32 with >= {need} elements")
+    n_m = num_programs * plan.max_key_tiles * plan.block_m
+    scr_m, scr_p = workspace[:n_m], workspace[n_m:need - 1]
+    queue = workspace[need - 1:need].view(torch.int32)
+    queue.zero_()
+    return out, scr_p, scr_m, queue
+
+
 def antidiagonal_scores_paged(
     q: Tensor,
     kv_cache: Tensor,
@@ -228,19 +248,7 @@ def antidiagonal_scores_paged(
         raise ValueError("block_table rows must be contiguous")
     n_work = plan.num_tiles * hq
     nprog = num_programs or max(1, min(n_work, scoring_programs(q.device)))
-    if out is None:
-        out = torch.zeros(hq, plan.total_q_blocks, plan.max_kb, dtype=torch.float32, device=q.device)
-    else:
-        out.zero_()
-    need = scoring_workspace_numel(plan, nprog)
-    if workspace is None:
-        workspace = torch.empty(need, dtype=torch.float32, device=q.device)
-    elif workspace.numel() < need or workspace.dtype != torch.float32:
-        raise ValueError(f"workspace must be float32 with >= {need} elements")
-    n_m = nprog * plan.max_key_tiles * plan.block_m
-    scr_m, scr_p = workspace[:n_m], workspace[n_m:need - 1]
-    queue = workspace[need - 1:need].view(torch.int32)
-    queue.zero_()
+    out, scr_p, scr_m, queue = scoring_buffers(plan, hq, nprog, q.device, out, workspace)
     kw = {"num_warps": num_warps or _default_warps(plan.block_m * plan.block_n),
           "num_stages": num_stages or _default_stages(plan.block_m, plan.block_n, block_d, q.element_size())}
     _score_kernel[(nprog,)](

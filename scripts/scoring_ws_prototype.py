@@ -37,7 +37,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from vllm_xattn.kernels.plan import XAttnPlan
-from vllm_xattn.kernels.scoring import _LOG2E, scoring_programs, scoring_workspace_numel
+from vllm_xattn.kernels.scoring import _LOG2E, scoring_buffers, scoring_programs
 
 Tensor = torch.Tensor
 _BLOCK_D = 64  # one stage: Q [BLOCK_M, 64] + K [BLOCK_N, 64], 48 KB at 128 x 256 (bf16)
@@ -271,17 +271,7 @@ def antidiagonal_scores_paged_ws(
         raise ValueError(f"needs block_m 128 and block_n <= 256, got {plan.block_m} / {plan.block_n}")
     n_work = plan.num_tiles * hq
     nprog = num_programs or max(1, min(n_work, scoring_programs(q.device)))
-    if out is None:
-        out = torch.zeros(hq, plan.total_q_blocks, plan.max_kb, dtype=torch.float32, device=q.device)
-    else:
-        out.zero_()
-    need = scoring_workspace_numel(plan, nprog)
-    if workspace is None:
-        workspace = torch.empty(need, dtype=torch.float32, device=q.device)
-    n_m = nprog * plan.max_key_tiles * plan.block_m
-    scr_m, scr_p = workspace[:n_m], workspace[n_m:need - 1]
-    queue = workspace[need - 1:need].view(torch.int32)
-    queue.zero_()
+    out, scr_p, scr_m, queue = scoring_buffers(plan, hq, nprog, q.device, out, workspace)
     _score_ws_kernel[(nprog,)](
         q, kv_cache, block_table, out, scr_p, scr_m, plan.tiles, plan.req_meta, queue,
         n_work, hq, hq // hkv, q.stride(0), q.stride(1),
