@@ -137,6 +137,7 @@ def main():
                     q, kv, bt, plan, num_programs=npg))
             # the warp-specialised Gluon prototype (scripts/scoring_ws_prototype.py)
             cases["ws-prototype"] = lambda: antidiagonal_scores_paged_ws(q, kv, bt, plan)
+            cases["ws-prototype, no epilogue"] = lambda: antidiagonal_scores_paged_ws(q, kv, bt, plan, epilogue=False)
             plan64 = plan_prefill(cu_q, sl, block_size=128, stride=S, block_m=64).to("cuda")
             cases["head-major-q, block_m 64"] = lambda: scoring.antidiagonal_scores_paged(q_hm, kv, bt, plan64)
             want = scoring.antidiagonal_scores_paged(q, kv, bt, plan)

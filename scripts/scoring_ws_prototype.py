@@ -115,7 +115,7 @@ def _compute(q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_
              n_work, num_q_heads, group, s_qt, s_qh, s_kp, s_kh, s_kn, s_bt, s_ah, s_ar, max_kt, qk_scale,
              q_ring, k_ring, ready, empty, wq_smem, wq_ready, wq_empty,
              S: gl.constexpr, D: gl.constexpr, B: gl.constexpr, PAGE: gl.constexpr,
-             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
+             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, EPILOGUE: gl.constexpr):
     NW: gl.constexpr = gl.num_warps()
     ND: gl.constexpr = D // BLOCK_D
     BPS: gl.constexpr = B // S  # super-tokens per block
@@ -170,20 +170,23 @@ def _compute(q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
                 mbarrier.arrive(empty.index((it - 1) % NUM_STAGES))
 
-                # The epilogue of kernels/scoring.py, in the wgmma accumulator's layout.
-                cols = kt * BLOCK_N + offs_n
-                if kt * BLOCK_N + BLOCK_N - 1 > a0:  # only tiles that cross the diagonal
-                    acc = gl.where(cols[None, :] <= rows[:, None], acc, float("-inf"))
-                m_new = gl.maximum(m_i, gl.max(acc, 1) * qk_scale)
-                p = gl.exp2(acc * qk_scale - m_new[:, None])
-                psum = gl.sum(gl.reshape(p, [BLOCK_M, NB_T, BPS]), axis=2)  # per (row, key block)
-                red_l: gl.constexpr = psum.type.layout
-                l_i = l_i * gl.exp2(m_i - m_new) + gl.convert_layout(gl.sum(psum, 1), row_l)
-                m_i = m_new
-                pr = gl.arange(0, BLOCK_M, gl.SliceLayout(1, red_l))
-                pc = gl.arange(0, NB_T, gl.SliceLayout(0, red_l))
-                gl.store(scr_p + kt * (BLOCK_M * NB_T) + pr[:, None] * NB_T + pc[None, :], psum)
-                gl.store(scr_m + kt * BLOCK_M + offs_m, m_new)
+                if EPILOGUE:
+                    # The epilogue of kernels/scoring.py, in the wgmma accumulator's layout.
+                    cols = kt * BLOCK_N + offs_n
+                    if kt * BLOCK_N + BLOCK_N - 1 > a0:  # only tiles that cross the diagonal
+                        acc = gl.where(cols[None, :] <= rows[:, None], acc, float("-inf"))
+                    m_new = gl.maximum(m_i, gl.max(acc, 1) * qk_scale)
+                    p = gl.exp2(acc * qk_scale - m_new[:, None])
+                    psum = gl.sum(gl.reshape(p, [BLOCK_M, NB_T, BPS]), axis=2)  # per (row, key block)
+                    red_l: gl.constexpr = psum.type.layout
+                    l_i = l_i * gl.exp2(m_i - m_new) + gl.convert_layout(gl.sum(psum, 1), row_l)
+                    m_i = m_new
+                    pr = gl.arange(0, BLOCK_M, gl.SliceLayout(1, red_l))
+                    pc = gl.arange(0, NB_T, gl.SliceLayout(0, red_l))
+                    gl.store(scr_p + kt * (BLOCK_M * NB_T) + pr[:, None] * NB_T + pc[None, :], psum)
+                    gl.store(scr_m + kt * BLOCK_M + offs_m, m_new)
+                else:  # timing only (scores wrong): how fast is the MMA feed alone?
+                    l_i = l_i + gl.sum(acc, 1)
             gl.thread_barrier()  # scratch written by other threads of this partition
 
             # Rescale to the final (m, l) and pool rows into query blocks (as kernels/scoring.py).
@@ -215,7 +218,7 @@ def _score_ws_kernel(q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_p
                      n_work, num_q_heads, group, s_qt, s_qh, s_kp, s_kh, s_kn, s_bt, s_ah, s_ar, max_kt, qk_scale,
                      S: gl.constexpr, D: gl.constexpr, B: gl.constexpr, PAGE: gl.constexpr,
                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-                     LOADER_REGS: gl.constexpr):
+                     LOADER_REGS: gl.constexpr, EPILOGUE: gl.constexpr):
     dtype: gl.constexpr = q_ptr.dtype.element_ty
     q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_D], dtype)
     k_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_D], dtype)
@@ -238,7 +241,7 @@ def _score_ws_kernel(q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_p
         (_compute, (q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_ptr, queue_ptr,
                     n_work, num_q_heads, group, s_qt, s_qh, s_kp, s_kh, s_kn, s_bt, s_ah, s_ar, max_kt,
                     qk_scale, q_ring, k_ring, ready, empty, wq_smem, wq_ready, wq_empty,
-                    S, D, B, PAGE, BLOCK_M, BLOCK_N, NUM_STAGES)),
+                    S, D, B, PAGE, BLOCK_M, BLOCK_N, NUM_STAGES, EPILOGUE)),
         (_loader, (q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_ptr, queue_ptr,
                    n_work, num_q_heads, group, s_qt, s_qh, s_kp, s_kh, s_kn, s_bt, s_ah, s_ar, max_kt,
                    qk_scale, q_ring, k_ring, ready, empty, wq_smem, wq_ready, wq_empty,
@@ -249,7 +252,7 @@ def _score_ws_kernel(q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_p
 def antidiagonal_scores_paged_ws(
     q: Tensor, kv_cache: Tensor, block_table: Tensor, plan: XAttnPlan, *,
     num_programs: int | None = None, out: Tensor | None = None, workspace: Tensor | None = None,
-    num_stages: int = 4, loader_regs: int = 112,
+    num_stages: int = 4, loader_regs: int = 112, epilogue: bool = True,
 ) -> Tensor:
     """``antidiagonal_scores_paged`` through the warp-specialised kernel (same contract)."""
     T, hq, d = q.shape
@@ -278,7 +281,7 @@ def antidiagonal_scores_paged_ws(
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), block_table.stride(0),
         out.stride(0), out.stride(1), plan.max_key_tiles, _LOG2E / (math.sqrt(d) * S),
         S=S, D=d, B=B, PAGE=page, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
-        NUM_STAGES=num_stages, LOADER_REGS=loader_regs, num_warps=8,
+        NUM_STAGES=num_stages, LOADER_REGS=loader_regs, EPILOGUE=epilogue, num_warps=8,
     )
     return out
 
@@ -298,7 +301,7 @@ def compile_report(stride: int, head_dim: int, *, block_size: int = 128, page: i
 
     params = list(inspect.signature(_score_ws_kernel.fn).parameters)
     consts = dict(S=stride, D=head_dim, B=block_size, PAGE=page, BLOCK_M=128, BLOCK_N=block_n,
-                  NUM_STAGES=num_stages, LOADER_REGS=loader_regs)
+                  NUM_STAGES=num_stages, LOADER_REGS=loader_regs, EPILOGUE=True)
     sig = {p: _POINTERS.get(p) or ("constexpr" if p in consts else "fp32" if p == "qk_scale" else "i32")
            for p in params}
     attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p in _POINTERS or p in _ALIGNED}
