@@ -10,9 +10,12 @@ warpgroups) only waits, issues async wgmma and runs the softmax epilogue and the
 Probe 6/7 (README, "Where scoring's time goes") found no cheaper way to hide the loads and the
 epilogue in plain Triton.
 
-Status: compiles for sm_90a without a GPU (``python scripts/scoring_ws_prototype.py --compile``,
-run by ``tests/test_scoring_ws_prototype.py``); it has not run on a GPU yet. ``scripts/probe_scoring_variants.py --only real ws-prototype`` checks its scores
-against the kernel and times it; it moves into ``kernels/`` only if it is right and faster.
+Status: right on the H100 (``tests/test_scoring_ws_prototype.py``'s gpu test; it also
+compiles for sm_90a without a GPU: ``python scripts/scoring_ws_prototype.py --compile``) but no
+faster than the Triton kernel: level to 5 % faster at S=8, 12-17 % slower at S=16
+(``benchmarks/results/scoring_probe{9,10}_h100.json``). With ``epilogue=False`` (scores wrong;
+timing only) it shows the MMA feed alone runs at ~440 TF/s, so the softmax is not what limits
+scoring (README, "Where scoring's time goes"). It stays a diagnostic script.
 
 Limits (the wrapper checks them): bf16 / fp16 inputs, head dim a multiple of 64 (the
 Llama and Qwen layers: 128 and 64), contiguous head dim in q and the cache, 16-byte aligned

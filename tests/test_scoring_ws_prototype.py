@@ -1,4 +1,4 @@
-"""scripts/scoring_ws_prototype.py (warp-specialised Gluon scoring kernel): on CPU, it compiles
+"""scripts/scoring_ws_prototype.py (warp-specialised Gluon scoring kernel, a diagnostic): on CPU, it compiles
 for the H100 (Triton's own ptxas builds it for sm_90a) and neither partition spills at the
 Llama / Qwen layer shapes; on a Hopper GPU, its scores equal the Triton kernel's (which the
 interpreter tests hold to the reference) with GQA, context, partial blocks and several
