@@ -12,7 +12,10 @@ memory for 128 x 256 x 64 multiply-adds. This times plain GEMMs of the 128K / S=
     python scripts/bench_gemm_ceiling.py --out benchmarks/results/gemm_ceiling_h100.json
 
 Records: variant, tile, warps, stages, ms, tflops, and cuBLAS (``torch.matmul``, which also
-writes the bf16 product) and dense causal FA3 on the 128K Llama layer for scale.
+writes the bf16 product) and dense causal FA3 on the 128K Llama layer for scale. ``--heads-only``
+times the pointer-load GEMM over all 32 query heads / 8 KV heads of the Llama layer at once (as
+much data as scoring streams, far more than the L2), in scoring's order (heads innermost) and
+one head at a time.
 """
 from __future__ import annotations
 
@@ -46,6 +49,60 @@ def _gemm_rowsum_ptr(a_ptr, b_ptr, out_ptr, M, N, K, s_am, s_bn, n_tiles_n,
 
 
 @triton.jit
+def _gemm_rowsum_heads(a_ptr, b_ptr, out_ptr, K, H, GROUP, s_ah, s_am, s_bh, s_bn, n_tiles_m, n_tiles_n,
+                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HEADS_INNER: tl.constexpr):
+    """The pointer-load GEMM over H query heads (GROUP per KV head) in one launch. HEADS_INNER:
+    programs run heads innermost, then query tiles, then key tiles, so the ones resident together
+    hold as many distinct query tiles as scoring's (one per head); else one head at a time."""
+    pid = tl.program_id(0)
+    if HEADS_INNER:
+        h = pid % H
+        pm = (pid // H) % n_tiles_m
+        pn = pid // (H * n_tiles_m)
+    else:
+        h = pid // (n_tiles_m * n_tiles_n)
+        pm = (pid // n_tiles_n) % n_tiles_m
+        pn = pid % n_tiles_n
+    rm = pm * BM + tl.arange(0, BM)
+    rn = pn * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    a_base = a_ptr + h.to(tl.int64) * s_ah
+    b_base = b_ptr + (h // GROUP).to(tl.int64) * s_bh
+    acc = tl.zeros([BM, BN], tl.float32)
+    for k in range(0, K, BK):
+        a = tl.load(a_base + rm[:, None].to(tl.int64) * s_am + (k + rk)[None, :])
+        b = tl.load(b_base + rn[None, :].to(tl.int64) * s_bn + (k + rk)[:, None])
+        acc = tl.dot(a, b, acc)
+    tl.store(out_ptr + (h * n_tiles_m * BM + rm) * n_tiles_n + pn, tl.sum(acc, 1))
+
+
+def time_heads(M, K, heads=32, kv_heads=8, BM=128, BN=256, BK=64, warps=8, stages=3):
+    """The same GEMM for every head of the Llama layer (1 GB of query, 256 MB of keys, as much as
+    scoring at 128K / S=8 streams): is ~630 TF/s an L2-resident figure?"""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    a = torch.randn(heads, M, K, generator=g, device="cuda").to(torch.bfloat16)
+    b = torch.randn(kv_heads, M, K, generator=g, device="cuda").to(torch.bfloat16)
+    group, ntm, ntn = heads // kv_heads, M // BM, M // BN
+    # row sums of A B^T = A (B^T 1): the check without the product
+    want = torch.stack([a[h].float() @ b[h // group].float().sum(0) for h in range(heads)])
+    out = torch.empty(heads, M, ntn, device="cuda", dtype=torch.float32)
+    records = []
+    for inner in (True, False):
+        fn = lambda inner=inner: _gemm_rowsum_heads[(heads * ntm * ntn,)](
+            a, b, out, K, heads, group, a.stride(0), a.stride(1), b.stride(0), b.stride(1), ntm, ntn,
+            BM=BM, BN=BN, BK=BK, HEADS_INNER=inner, num_warps=warps, num_stages=stages)
+        fn()
+        err = ((out.sum(2) - want).norm() / want.norm()).item()
+        ms = do_bench(fn, warmup=3, rep=300)
+        rec = dict(variant="triton pointer loads, all heads, " + ("heads innermost" if inner else "one head at a time"),
+                   tile=[BM, BN, BK], warps=warps, stages=stages, heads=heads, kv_heads=kv_heads, m=M, n=M, k=K,
+                   ms=ms, tflops=2.0 * heads * M * M * K / ms / 1e9, rel_err_row_sums=err)
+        records.append(rec)
+        print(rec, flush=True)
+    return records
+
+
+@triton.jit
 def _gemm_rowsum_tma(a_desc, b_desc, out_ptr, K, n_tiles_n,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid = tl.program_id(0)
@@ -64,8 +121,14 @@ def main():
     ap.add_argument("--out", default="benchmarks/results/gemm_ceiling_h100.json")
     ap.add_argument("--m", type=int, default=16384, help="rows = columns (128K tokens / S=8)")
     ap.add_argument("--k", type=int, default=1024, help="inner dimension S*D (8 x 128)")
+    ap.add_argument("--heads-only", action="store_true", help="only the all-heads GEMMs (time_heads)")
     args = ap.parse_args()
     from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if args.heads_only:
+        records = time_heads(args.m, args.k)
+        write_records(Path(args.out), records, "python scripts/bench_gemm_ceiling.py " + " ".join(sys.argv[1:]))
+        return
 
     M = N = args.m
     K = args.k
