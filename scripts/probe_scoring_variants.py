@@ -22,6 +22,7 @@ temporary module (so the product kernel carries no diagnostic switches):
   a variant here until the kernel adopted it: ``scoring_probe2_h100.json``. ``flatten`` (one
   software pipeline over all key tiles) and ``n128, 2/SM`` (128-column tiles, two programs per
   SM) were variants at af47b74, both slower: ``scoring_probe7_h100.json``.)
+- ``heads-outer``: work items head by head instead of heads innermost.
 - ``ws-prototype``: the warp-specialised Gluon kernel of ``scoring_ws_prototype.py`` (a loader
   warpgroup keeps a cp.async ring full across key tiles; two compute warpgroups run wgmma and
   the softmax), scores checked against the kernel first.
@@ -75,6 +76,13 @@ VARIANTS = {
     "q-evict-last": [Q_LAST],
     "k-evict-first": [K_FIRST],
     "q-last-k-first": [Q_LAST, K_FIRST],
+    # work items head by head (each head's tiles longest first) instead of heads innermost: the
+    # programs resident together read one KV head's keys (the all-heads GEMM ran 9 % faster one
+    # head at a time than heads innermost: gemm_ceiling_heads_*_h100.json)
+    "heads-outer": [("        tile = w // num_q_heads  # heads innermost: neighbours share K in L2\n"
+                     "        h = w % num_q_heads\n",
+                     "        tile = w % (n_work // num_q_heads)\n"
+                     "        h = w // (n_work // num_q_heads)\n")],
 }
 
 
@@ -141,7 +149,7 @@ def main():
             plan64 = plan_prefill(cu_q, sl, block_size=128, stride=S, block_m=64).to("cuda")
             cases["head-major-q, block_m 64"] = lambda: scoring.antidiagonal_scores_paged(q_hm, kv, bt, plan64)
             want = scoring.antidiagonal_scores_paged(q, kv, bt, plan)
-            for name in ("head-major-q", "baseline", "ws-prototype"):
+            for name in ("head-major-q", "baseline", "ws-prototype", "heads-outer"):
                 if name in cases and (not args.only or name in args.only):
                     got = cases[name]()
                     if name == "ws-prototype" and not torch.allclose(got, want, rtol=1e-4, atol=1e-6):

@@ -23,10 +23,10 @@ def test_variant_substitutions_apply(name):
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU variant (Triton interpreter)")
-@pytest.mark.parametrize("name", ["no-load-masks", "q-last-k-first"])
+@pytest.mark.parametrize("name", ["no-load-masks", "q-last-k-first", "heads-outer"])
 def test_score_keeping_variants_match_the_kernel_on_whole_tiles(name):
     # one request of whole scoring tiles: the load masks are all true, so dropping them is exact;
-    # cache hints change no value
+    # cache hints and the work order change no value
     p = make_problem(([(512, 512)], 2, 1, 16, 64, 4, 16, 16, 16), "cpu")
     want = scoring.antidiagonal_scores_paged(p["q"], p["kv"], p["bt"], p["plan"])
     got = load_variant(name).antidiagonal_scores_paged(p["q"], p["kv"], p["bt"], p["plan"])
