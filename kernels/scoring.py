@@ -187,6 +187,20 @@ def scoring_programs(device) -> int:
     return _SM_COUNT[idx]
 
 
+def check_scoring_inputs(q: Tensor, kv_cache: Tensor, block_table: Tensor, plan: XAttnPlan) -> None:
+    """What every scoring kernel needs of its inputs: q [T, Hq, D] against the cache's
+    ``(num_pages, Hkv, page_size, 2*D)`` view with Hkv dividing Hq, pages that divide the block,
+    and contiguous block-table rows."""
+    _, hq, d = q.shape
+    _, hkv, page, two_d = kv_cache.shape
+    if two_d != 2 * d or hq % hkv:
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)} vs kv_cache {tuple(kv_cache.shape)}")
+    if plan.block_size % page:
+        raise ValueError(f"page_size {page} must divide block_size {plan.block_size}")
+    if block_table.stride(1) != 1:
+        raise ValueError("block_table rows must be contiguous")
+
+
 def scoring_buffers(plan: XAttnPlan, num_q_heads: int, num_programs: int, device,
                     out: Tensor | None = None, workspace: Tensor | None = None):
     """The scoring kernel's zeroed output A and its views of the workspace: (A, partial-sum
@@ -230,13 +244,10 @@ def antidiagonal_scores_paged(
     num_programs: persistent grid size (default ``scoring_programs``: one per SM). workspace: optional preallocated
     float32 scratch of ``scoring_workspace_numel(plan, num_programs)`` elements.
     """
-    T, hq, d = q.shape
-    num_pages, hkv, page, two_d = kv_cache.shape
-    B, S = plan.block_size, plan.stride
-    if two_d != 2 * d or hq % hkv:
-        raise ValueError(f"shape mismatch: q {tuple(q.shape)} vs kv_cache {tuple(kv_cache.shape)}")
-    if B % page:
-        raise ValueError(f"page_size {page} must divide block_size {B}")
+    check_scoring_inputs(q, kv_cache, block_table, plan)
+    _, hq, d = q.shape
+    hkv = kv_cache.shape[1]
+    B, S, page = plan.block_size, plan.stride, kv_cache.shape[2]
     if block_d is None:
         # largest power-of-two chunk of D up to 64: small chunks leave room for 4 stages
         block_d = d & -d if d % 64 else 64
@@ -244,8 +255,6 @@ def antidiagonal_scores_paged(
         raise ValueError(f"block_d {block_d} must divide head_dim {d}")
     if block_d < 16:
         raise ValueError(f"head_dim {d} must be a multiple of 16")
-    if block_table.stride(1) != 1:
-        raise ValueError("block_table rows must be contiguous")
     n_work = plan.num_tiles * hq
     nprog = num_programs or max(1, min(n_work, scoring_programs(q.device)))
     out, scr_p, scr_m, queue = scoring_buffers(plan, hq, nprog, q.device, out, workspace)

@@ -40,7 +40,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from vllm_xattn.kernels.plan import XAttnPlan
-from vllm_xattn.kernels.scoring import _LOG2E, scoring_buffers, scoring_programs
+from vllm_xattn.kernels.scoring import _LOG2E, check_scoring_inputs, scoring_buffers, scoring_programs
 
 Tensor = torch.Tensor
 _BLOCK_D = 64  # one stage: Q [BLOCK_M, 64] + K [BLOCK_N, 64], 48 KB at 128 x 256 (bf16)
@@ -258,11 +258,10 @@ def antidiagonal_scores_paged_ws(
     num_stages: int = 4, loader_regs: int = 112, epilogue: bool = True,
 ) -> Tensor:
     """``antidiagonal_scores_paged`` through the warp-specialised kernel (same contract)."""
-    T, hq, d = q.shape
-    num_pages, hkv, page, two_d = kv_cache.shape
-    B, S = plan.block_size, plan.stride
-    if two_d != 2 * d or hq % hkv or B % page:
-        raise ValueError(f"shape mismatch: q {tuple(q.shape)} vs kv_cache {tuple(kv_cache.shape)}")
+    check_scoring_inputs(q, kv_cache, block_table, plan)
+    _, hq, d = q.shape
+    hkv = kv_cache.shape[1]
+    B, S, page = plan.block_size, plan.stride, kv_cache.shape[2]
     if q.dtype not in (torch.bfloat16, torch.float16) or kv_cache.dtype != q.dtype:
         raise ValueError(f"bf16 / fp16 only, got {q.dtype} / {kv_cache.dtype}")
     if d % _BLOCK_D or q.stride(2) != 1 or kv_cache.stride(3) != 1 or page % S:
@@ -271,8 +270,6 @@ def antidiagonal_scores_paged_ws(
     strides = (q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2))
     if any(x % 8 for x in strides) or q.data_ptr() % 16 or kv_cache.data_ptr() % 16:
         raise ValueError(f"needs 16-byte aligned rows: strides {strides}")
-    if block_table.stride(1) != 1:
-        raise ValueError("block_table rows must be contiguous")
     if plan.block_m != 128 or plan.block_n > 256:  # two warpgroups of 64 rows; wgmma N <= 256
         raise ValueError(f"needs block_m 128 and block_n <= 256, got {plan.block_m} / {plan.block_n}")
     n_work = plan.num_tiles * hq

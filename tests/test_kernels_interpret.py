@@ -189,6 +189,17 @@ def test_scores_match_reference(device, case):
     assert (A.cpu()[:, j[None, :] > plan.row_block.cpu()[:, None]] == 0).all()
 
 
+def test_scoring_rejects_inputs_it_cannot_read():
+    p = make_problem(CPU_CASES["gqa_ctx_b64_s4_p16"], "cpu")
+    q, kv, bt, plan = p["q"], p["kv"], p["bt"], p["plan"]
+    with pytest.raises(ValueError, match="shape mismatch"):
+        antidiagonal_scores_paged(q[..., :8], kv, bt, plan)  # head dim not half the cache's 2*D
+    with pytest.raises(ValueError, match="page_size 48 must divide block_size 64"):
+        antidiagonal_scores_paged(q, torch.zeros(4, kv.shape[1], 48, kv.shape[3]), bt, plan)
+    with pytest.raises(ValueError, match="block_table rows must be contiguous"):
+        antidiagonal_scores_paged(q, kv, bt.t().contiguous().t(), plan)
+
+
 @pytest.mark.parametrize("device", [d for d in DEVICES])
 def test_scores_strided_inputs(device):
     """q as a slice of a fused qkv tensor, cache in HND physical order."""
