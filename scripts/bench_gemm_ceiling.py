@@ -13,7 +13,7 @@ memory for 128 x 256 x 64 multiply-adds. This times plain GEMMs of the 128K / S=
 
 Records: variant, tile, warps, stages, ms, tflops, and cuBLAS (``torch.matmul``, which also
 writes the bf16 product) and dense causal FA3 on the 128K Llama layer for scale. ``--heads-only``
-times the pointer-load GEMM over all 32 query heads / 8 KV heads of the Llama layer at once (as
+times the pointer-load and the TMA GEMM over all 32 query heads / 8 KV heads of the Llama layer at once (as
 much data as scoring streams, far more than the L2), in scoring's order (heads innermost) and
 one head at a time.
 """
@@ -76,6 +76,31 @@ def _gemm_rowsum_heads(a_ptr, b_ptr, out_ptr, K, H, GROUP, s_ah, s_am, s_bh, s_b
     tl.store(out_ptr + (h * n_tiles_m * BM + rm) * n_tiles_n + pn, tl.sum(acc, 1))
 
 
+@triton.jit
+def _gemm_rowsum_heads_tma(a_desc, b_desc, out_ptr, K, H, GROUP, M, n_tiles_m, n_tiles_n,
+                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HEADS_INNER: tl.constexpr):
+    """``_gemm_rowsum_heads`` with TMA descriptor loads: a is [H*M, K], b [H/GROUP*M, K]. Same
+    bytes through L2 per FLOP; fewer instructions per byte than the pointer loads."""
+    pid = tl.program_id(0)
+    if HEADS_INNER:
+        h = pid % H
+        pm = (pid // H) % n_tiles_m
+        pn = pid // (H * n_tiles_m)
+    else:
+        h = pid // (n_tiles_m * n_tiles_n)
+        pm = (pid // n_tiles_n) % n_tiles_m
+        pn = pid % n_tiles_n
+    a_row = h * M + pm * BM
+    b_row = (h // GROUP) * M + pn * BN
+    acc = tl.zeros([BM, BN], tl.float32)
+    for k in range(0, K, BK):
+        a = a_desc.load([a_row, k])
+        b = b_desc.load([b_row, k])
+        acc = tl.dot(a, b.T, acc)
+    rm = pm * BM + tl.arange(0, BM)
+    tl.store(out_ptr + (h * n_tiles_m * BM + rm) * n_tiles_n + pn, tl.sum(acc, 1))
+
+
 def time_heads(M, K, heads=32, kv_heads=8, BM=128, BN=256, BK=64, warps=8, stages=3):
     """The same GEMM for every head of the Llama layer (1 GB of query, 256 MB of keys, as much as
     scoring at 128K / S=8 streams): is ~630 TF/s an L2-resident figure?"""
@@ -86,15 +111,27 @@ def time_heads(M, K, heads=32, kv_heads=8, BM=128, BN=256, BK=64, warps=8, stage
     # row sums of A B^T = A (B^T 1): the check without the product
     want = torch.stack([a[h].float() @ b[h // group].float().sum(0) for h in range(heads)])
     out = torch.empty(heads, M, ntn, device="cuda", dtype=torch.float32)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    a_desc = TensorDescriptor.from_tensor(a.view(heads * M, K), [BM, BK])
+    b_desc = TensorDescriptor.from_tensor(b.view(kv_heads * M, K), [BN, BK])
+    grid = (heads * ntm * ntn,)
     records = []
-    for inner in (True, False):
-        fn = lambda inner=inner: _gemm_rowsum_heads[(heads * ntm * ntn,)](
-            a, b, out, K, heads, group, a.stride(0), a.stride(1), b.stride(0), b.stride(1), ntm, ntn,
-            BM=BM, BN=BN, BK=BK, HEADS_INNER=inner, num_warps=warps, num_stages=stages)
+    for tma, inner in ((False, True), (False, False), (True, True), (True, False)):
+        if tma:
+            fn = lambda inner=inner: _gemm_rowsum_heads_tma[grid](
+                a_desc, b_desc, out, K, heads, group, M, ntm, ntn,
+                BM=BM, BN=BN, BK=BK, HEADS_INNER=inner, num_warps=warps, num_stages=stages)
+        else:
+            fn = lambda inner=inner: _gemm_rowsum_heads[grid](
+                a, b, out, K, heads, group, a.stride(0), a.stride(1), b.stride(0), b.stride(1), ntm, ntn,
+                BM=BM, BN=BN, BK=BK, HEADS_INNER=inner, num_warps=warps, num_stages=stages)
+        out.zero_()
         fn()
         err = ((out.sum(2) - want).norm() / want.norm()).item()
         ms = do_bench(fn, warmup=3, rep=300)
-        rec = dict(variant="triton pointer loads, all heads, " + ("heads innermost" if inner else "one head at a time"),
+        rec = dict(variant=f"triton {'TMA' if tma else 'pointer'} loads, all heads, "
+                   + ("heads innermost" if inner else "one head at a time"),
                    tile=[BM, BN, BK], warps=warps, stages=stages, heads=heads, kv_heads=kv_heads, m=M, n=M, k=K,
                    ms=ms, tflops=2.0 * heads * M * M * K / ms / 1e9, rel_err_row_sums=err)
         records.append(rec)
