@@ -23,6 +23,9 @@ temporary module (so the product kernel carries no diagnostic switches):
   software pipeline over all key tiles) and ``n128, 2/SM`` (128-column tiles, two programs per
   SM) were variants at af47b74, both slower: ``scoring_probe7_h100.json``.)
 - ``heads-outer``: work items head by head instead of heads innermost.
+- ``paired-q`` / ``quarter-q``: query heads h and h + Hq/2 (every Hq/4-th head) read the same
+  query memory, so the resident programs hold 1/2 (1/4) as many distinct query tiles; between
+  the kernel and ``shared-q`` (Nsight Compute: the query re-reads miss L2, ``ncu_scoring.py``).
 - ``ws-prototype``: the warp-specialised Gluon kernel of ``scoring_ws_prototype.py`` (a loader
   warpgroup keeps a cp.async ring full across key tiles; two compute warpgroups run wgmma and
   the softmax; ``, no epilogue``: timing only), scores checked against the kernel first.
@@ -68,6 +71,7 @@ NO_EPILOGUE = "            l_i = l_i + tl.sum(acc, 1)\n            m_i = tl.zero
 # L2 hints on the two operand loads: keep the query tile (re-read at every key tile) resident,
 # let the key stream go first.
 Q_MASK, K_MASK = "mask=qmask[:, None], other=0.0)", "mask=kmask[None, :], other=0.0)"
+Q_BASE = "q_base = q_ptr + h.to(tl.int64) * s_qh"
 Q_LAST = (Q_MASK, Q_MASK[:-1] + ', eviction_policy="evict_last")')
 K_FIRST = (K_MASK, K_MASK[:-1] + ', eviction_policy="evict_first")')
 VARIANTS = {
@@ -83,6 +87,11 @@ VARIANTS = {
                      "        h = w % num_q_heads\n",
                      "        tile = w % (n_work // num_q_heads)\n"
                      "        h = w // (n_work // num_q_heads)\n")],
+    # Heads h and h + Hq/2 (or every Hq/4-th head) read the same query memory: the programs
+    # resident together hold half (a quarter) as many distinct query tiles, what splitting each
+    # work item's key sweep over two programs would give L2 (scores wrong; timing only).
+    "paired-q": [(Q_BASE, Q_BASE.replace("h.to(tl.int64)", "(h % (num_q_heads // 2)).to(tl.int64)"))],
+    "quarter-q": [(Q_BASE, Q_BASE.replace("h.to(tl.int64)", "(h % (num_q_heads // 4)).to(tl.int64)"))],
 }
 
 
