@@ -23,7 +23,7 @@ temporary module (so the product kernel carries no diagnostic switches):
   software pipeline over all key tiles) and ``n128, 2/SM`` (128-column tiles, two programs per
   SM) were variants at af47b74, both slower: ``scoring_probe7_h100.json``.)
 - ``heads-outer``: work items head by head instead of heads innermost.
-- ``paired-q`` / ``quarter-q``: query heads h and h + Hq/2 (every Hq/4-th head) read the same
+- ``paired-q`` / ``quarter-q``: query heads h and h + Hq/2 (heads Hq/4 apart) read the same
   query memory, so the resident programs hold 1/2 (1/4) as many distinct query tiles; between
   the kernel and ``shared-q`` (Nsight Compute: the query re-reads miss L2, ``ncu_scoring.py``).
 - ``ws-prototype``: the warp-specialised Gluon kernel of ``scoring_ws_prototype.py`` (a loader
