@@ -148,6 +148,12 @@ def _score_kernel(
         w = tl.atomic_add(queue_ptr, 1)
 
 
+def scoring_qk_scale(head_dim: int, stride: int) -> float:
+    """The kernels' score scale in base 2: the reference's softmax of Q~K~^T / (sqrt(D) * S),
+    taken with exp2 (log2(e) folded in)."""
+    return _LOG2E / (math.sqrt(head_dim) * stride)
+
+
 def scoring_workspace_numel(plan: XAttnPlan, num_programs: int) -> int:
     """float32 scratch elements: per program and key tile, BLOCK_M row maxima plus
     BLOCK_M x (key blocks per tile) partial sums, and one element for the work counter.
@@ -267,7 +273,7 @@ def antidiagonal_scores_paged(
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_table.stride(0),
         out.stride(0), out.stride(1),
-        plan.max_key_tiles, _LOG2E / (math.sqrt(d) * S),
+        plan.max_key_tiles, scoring_qk_scale(d, S),
         S=S, D=d, BLOCK_D=block_d, B=B, PAGE=page,
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import math
 import re
 import subprocess
 import tempfile
@@ -40,7 +39,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from vllm_xattn.kernels.plan import XAttnPlan
-from vllm_xattn.kernels.scoring import _LOG2E, check_scoring_inputs, scoring_buffers, scoring_programs
+from vllm_xattn.kernels.scoring import check_scoring_inputs, scoring_buffers, scoring_programs, scoring_qk_scale
 
 Tensor = torch.Tensor
 _BLOCK_D = 64  # one stage: Q [BLOCK_M, 64] + K [BLOCK_N, 64], 48 KB at 128 x 256 (bf16)
@@ -279,7 +278,7 @@ def antidiagonal_scores_paged_ws(
         q, kv_cache, block_table, out, scr_p, scr_m, plan.tiles, plan.req_meta, queue,
         n_work, hq, hq // hkv, q.stride(0), q.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), block_table.stride(0),
-        out.stride(0), out.stride(1), plan.max_key_tiles, _LOG2E / (math.sqrt(d) * S),
+        out.stride(0), out.stride(1), plan.max_key_tiles, scoring_qk_scale(d, S),
         S=S, D=d, B=B, PAGE=page, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
         NUM_STAGES=num_stages, LOADER_REGS=loader_regs, EPILOGUE=epilogue, num_warps=8,
     )
