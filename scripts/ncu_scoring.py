@@ -29,6 +29,9 @@ METRICS = (
     "Duration", "SM Frequency", "DRAM Throughput", "L2 Cache Throughput", "L1/TEX Cache Throughput",
     "Compute (SM) Throughput", "Memory Throughput", "L2 Hit Rate", "Mem Busy", "Issue Slots Busy",
     "Executed Ipc Active", "Registers Per Thread", "Dynamic Shared Memory Per Block",
+    # --set full: instructions and the stall reasons (cycles per issued instruction)
+    "Executed Instructions", "Warp Cycles Per Issued Instruction", "Stall Dispatch Stall", "Stall Wait",
+    "Stall Long Scoreboard", "Stall Barrier", "Stall Math Pipe Throttle", "Stall Not Selected", "Stall GMMA",
 )
 # ``run gemm`` launches these in this order (the report names only the kernel).
 GEMM_CASES = ("pointer loads, heads innermost", "pointer loads, one head at a time",
@@ -40,15 +43,18 @@ _METRIC = re.compile(r"^\s{4}(" + "|".join(re.escape(m) for m in METRICS) + r")\
 def parse_report(text: str) -> list[dict]:
     """One dict per profiled kernel in an ncu text report: kernel, grid, block and the
     ``METRICS`` found, each as {name: [value, unit]}. A metric printed twice in one kernel's
-    sections (Memory Throughput: % and bytes/s) keeps both, the unit telling them apart."""
+    sections with another value (Memory Throughput: % and bytes/s) keeps both, the unit
+    telling them apart."""
     kernels: list[dict] = []
     for line in text.splitlines():
         if m := _KERNEL.match(line):
             kernels.append(dict(kernel=m[1], grid=int(m[2]), block=int(m[3]), metrics={}))
         elif kernels and (m := _METRIC.match(line)):
             name, unit, value = m[1], m[2], float(m[3].replace(",", ""))
-            key = name if name not in kernels[-1]["metrics"] else f"{name} ({unit})"
-            kernels[-1]["metrics"][key] = [value, unit]
+            seen = kernels[-1]["metrics"]
+            if seen.get(name) == [value, unit]:  # the same line printed by two sections
+                continue
+            seen[name if name not in seen else f"{name} ({unit})"] = [value, unit]
     gemms = [k for k in kernels if k["kernel"].startswith("_gemm_rowsum")]
     if len(gemms) == len(GEMM_CASES):
         for k, case in zip(gemms, GEMM_CASES):
@@ -106,13 +112,17 @@ def main():
     s.add_argument("--command", default="", help="the ncu command lines that wrote the logs")
     s.add_argument("--device", required=True, help="the GPU the reports came from (summarize runs anywhere)")
     s.add_argument("--commit", required=True, help="the commit the reports were taken at")
+    s.add_argument("--label", nargs="*", default=[], metavar="REPORT=CASE",
+                   help="the case a report's kernels ran (file name = text)")
     args = ap.parse_args()
     if args.cmd == "run":
         run_case(args.what, args.stride, args.tokens)
         return
     from bench_common import write_records
 
-    records = [dict(report=p.name, **k) for p in args.logs for k in parse_report(p.read_text())]
+    labels = dict(x.split("=", 1) for x in args.label)
+    records = [dict(report=p.name, **({"case": labels[p.name]} if p.name in labels else {}), **k)
+               for p in args.logs for k in parse_report(p.read_text())]
     write_records(args.out, records, args.command or "python scripts/ncu_scoring.py summarize ...",
                   device=args.device, commit=args.commit)
     for rec in records:
