@@ -1,0 +1,112 @@
+"""Instructions in the scoring kernel's MMA loop, offline (no GPU): compile for sm_90a with
+Triton's own ptxas, disassemble with its nvdisasm, and count the SASS of the innermost loop that
+holds the wgmma (HGMMA) instructions, next to the same count for the plain GEMM of the same tile
+(``bench_gemm_ceiling.py``). Nsight Compute found the kernel issuing about twice the GEMM's
+instructions per FLOP (``ncu_scoring.py``); this shows where, without a GPU:
+
+    python scripts/sass_loop.py --strides 8 16 --variants no-load-masks \\
+        --out benchmarks/results/scoring_sass_loop_sm90a.json
+
+Prints one JSON line per kernel: instructions per loop iteration, how many of them are HGMMA /
+LDGSTS, and the opcode histogram. Must run without TRITON_INTERPRET.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+_SCORE_POINTERS = {"q_ptr": "*bf16", "kv_ptr": "*bf16", "bt_ptr": "*i32", "a_ptr": "*fp32", "scr_p_ptr": "*fp32",
+                   "scr_m_ptr": "*fp32", "tiles_ptr": "*i32", "req_ptr": "*i32", "queue_ptr": "*i32"}
+# multiples of 16 as serving launches see them (Triton specialises on that)
+_SCORE_ALIGNED = ("s_qt", "s_qh", "s_kp", "s_kh", "s_kn", "s_ah", "s_ar")
+_INSTR = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
+
+
+def _sass(fn, pointers: dict, aligned, consts: dict, num_warps: int, num_stages: int) -> str:
+    import triton
+    import triton.backends.nvidia
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    params = list(inspect.signature(fn.fn).parameters)
+    sig = {p: pointers.get(p) or ("constexpr" if p in consts else "fp32" if p == "qk_scale" else "i32")
+           for p in params}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p in pointers or p in aligned}
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+    nvdisasm = Path(triton.backends.nvidia.__path__[0]) / "bin" / "nvdisasm"
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(k.asm["cubin"])
+        return subprocess.run([str(nvdisasm), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
+
+
+def mma_loop(sass: str) -> dict:
+    """The innermost loop around the first HGMMA: the nearest label before it whose branch back
+    comes after it. Counts its instructions and opcodes (predication stripped)."""
+    lines = sass.splitlines()
+    first = next(i for i, line in enumerate(lines) if "HGMMA" in line)
+    for lab in range(first, -1, -1):
+        m = re.match(r"^(\.L_x_\d+):", lines[lab])
+        if not m:
+            continue
+        back = [i for i in range(first, len(lines)) if "BRA" in lines[i] and f"`({m[1]})" in lines[i]]
+        if back:
+            body = [_INSTR.search(line) for line in lines[lab:back[0] + 1]]
+            ops = Counter(x[2] for x in body if x)
+            return dict(instructions=sum(ops.values()), hgmma=ops["HGMMA"], ldgsts=ops["LDGSTS"],
+                        opcodes=dict(ops.most_common()))
+    raise ValueError("no loop around the first HGMMA")
+
+
+def scoring_loop(stride: int, variant: str | None = None, head_dim: int = 128) -> dict:
+    from vllm_xattn.kernels import scoring
+
+    if variant:
+        from probe_scoring_variants import load_variant
+        mod = load_variant(variant)
+    else:
+        mod = scoring
+    consts = dict(S=stride, D=head_dim, BLOCK_D=64, B=128, PAGE=16, BLOCK_M=128, BLOCK_N=256, PREC="tf32",
+                  UPCAST=False, s_qd=1, s_kd=1)  # unit strides are specialised at launch
+    sass = _sass(mod._score_kernel, _SCORE_POINTERS, _SCORE_ALIGNED, consts, num_warps=8, num_stages=4)
+    return dict(kernel=f"scoring{', ' + variant if variant else ''}", stride=stride, **mma_loop(sass))
+
+
+def gemm_loop() -> dict:
+    import bench_gemm_ceiling as g
+
+    consts = dict(BM=128, BN=256, BK=64, HEADS_INNER=False)
+    sass = _sass(g._gemm_rowsum_heads, {"a_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*fp32"},
+                 ("K", "s_ah", "s_am", "s_bh", "s_bn"), consts, num_warps=8, num_stages=3)
+    return dict(kernel="plain GEMM, pointer loads (bench_gemm_ceiling)", **mma_loop(sass))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--strides", type=int, nargs="+", default=[8, 16])
+    ap.add_argument("--variants", nargs="*", default=[], help="probe_scoring_variants.py variants too")
+    ap.add_argument("--out", type=Path, help="also write the records here (benchmarks/results/...)")
+    args = ap.parse_args()
+    records = [gemm_loop()] + [scoring_loop(s, v) for s in args.strides for v in [None, *args.variants]]
+    for rec in records:
+        print(json.dumps(rec))
+    if args.out:
+        import triton
+
+        from bench_common import write_records
+        write_records(args.out, records, "python scripts/sass_loop.py " + " ".join(sys.argv[1:]),
+                      device=f"none: compiled offline for sm_90a (Triton {triton.__version__}'s ptxas)")
+
+
+if __name__ == "__main__":
+    main()
