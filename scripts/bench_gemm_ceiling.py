@@ -49,20 +49,21 @@ def _gemm_rowsum_ptr(a_ptr, b_ptr, out_ptr, M, N, K, s_am, s_bn, n_tiles_n,
 
 
 @triton.jit
+def _head_tile(pid, H, n_tiles_m, n_tiles_n, HEADS_INNER: tl.constexpr):
+    """(head, query tile, key tile) of program ``pid``: heads innermost, then query tiles, then
+    key tiles (the programs resident together hold one query tile per head, as scoring's do);
+    else one head at a time."""
+    if HEADS_INNER:
+        return pid % H, (pid // H) % n_tiles_m, pid // (H * n_tiles_m)
+    return pid // (n_tiles_m * n_tiles_n), (pid // n_tiles_n) % n_tiles_m, pid % n_tiles_n
+
+
+@triton.jit
 def _gemm_rowsum_heads(a_ptr, b_ptr, out_ptr, K, H, GROUP, s_ah, s_am, s_bh, s_bn, n_tiles_m, n_tiles_n,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HEADS_INNER: tl.constexpr):
-    """The pointer-load GEMM over H query heads (GROUP per KV head) in one launch. HEADS_INNER:
-    programs run heads innermost, then query tiles, then key tiles, so the ones resident together
-    hold as many distinct query tiles as scoring's (one per head); else one head at a time."""
-    pid = tl.program_id(0)
-    if HEADS_INNER:
-        h = pid % H
-        pm = (pid // H) % n_tiles_m
-        pn = pid // (H * n_tiles_m)
-    else:
-        h = pid // (n_tiles_m * n_tiles_n)
-        pm = (pid // n_tiles_n) % n_tiles_m
-        pn = pid % n_tiles_n
+    """The pointer-load GEMM over H query heads (GROUP per KV head) in one launch, programs in
+    ``_head_tile``'s order."""
+    h, pm, pn = _head_tile(tl.program_id(0), H, n_tiles_m, n_tiles_n, HEADS_INNER)
     rm = pm * BM + tl.arange(0, BM)
     rn = pn * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
@@ -81,15 +82,7 @@ def _gemm_rowsum_heads_tma(a_desc, b_desc, out_ptr, K, H, GROUP, M, n_tiles_m, n
                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HEADS_INNER: tl.constexpr):
     """``_gemm_rowsum_heads`` with TMA descriptor loads: a is [H*M, K], b [H/GROUP*M, K]. Same
     bytes through L2 per FLOP; fewer instructions per byte than the pointer loads."""
-    pid = tl.program_id(0)
-    if HEADS_INNER:
-        h = pid % H
-        pm = (pid // H) % n_tiles_m
-        pn = pid // (H * n_tiles_m)
-    else:
-        h = pid // (n_tiles_m * n_tiles_n)
-        pm = (pid // n_tiles_n) % n_tiles_m
-        pn = pid % n_tiles_n
+    h, pm, pn = _head_tile(tl.program_id(0), H, n_tiles_m, n_tiles_n, HEADS_INNER)
     a_row = h * M + pm * BM
     b_row = (h // GROUP) * M + pn * BN
     acc = tl.zeros([BM, BN], tl.float32)
