@@ -22,6 +22,8 @@ temporary module (so the product kernel carries no diagnostic switches):
   a variant here until the kernel adopted it: ``scoring_probe2_h100.json``. ``flatten`` (one
   software pipeline over all key tiles) and ``n128, 2/SM`` (128-column tiles, two programs per
   SM) were variants at af47b74, both slower: ``scoring_probe7_h100.json``.)
+- ``edge-masks``: the load masks only on the tiles that need them (a second, unmasked copy of
+  the chunk loop for whole tiles), scores unchanged.
 - ``heads-outer``: work items head by head instead of heads innermost.
 - ``paired-q`` / ``quarter-q``: query heads h and h + Hq/2 (heads Hq/4 apart) read the same
   query memory, so the resident programs hold 1/2 (1/4) as many distinct query tiles; between
@@ -74,7 +76,35 @@ Q_MASK, K_MASK = "mask=qmask[:, None], other=0.0)", "mask=kmask[None, :], other=
 Q_BASE = "q_base = q_ptr + h.to(tl.int64) * s_qh"
 Q_LAST = (Q_MASK, Q_MASK[:-1] + ', eviction_policy="evict_last")')
 K_FIRST = (K_MASK, K_MASK[:-1] + ', eviction_policy="evict_first")')
+# The key-tile GEMM with the load masks only where a tile needs them: a second, unmasked copy of
+# the chunk loop runs the tiles whose query rows all lie in [ctx, N) for every offset t and whose
+# key columns all lie below N (all but a request's first and last query tiles and its last key
+# tile). sass_loop.py counts 165 instructions per chunk with masks and 96 in the unmasked copy at
+# S=16; at S=8 the compiler unrolls the unmasked copy's 16 chunks into one block (as it does
+# no-load-masks'), and a trip count it cannot fold (tl.minimum(S * ND, n)) kept the loop rolled
+# but made every wgmma wait for the one before (WARPGROUP.DEPBAR 0 after each HGMMA).
+_CHUNK_LOOP = _lines_between(SRC.read_text(), "acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)",
+                             "acc = tl.dot(q, k.to(q.dtype), acc, input_precision=PREC)")
+_WHOLE_LOOP = (
+    "            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)\n"
+    "            if PAGE % S == 0 and not UPCAST:\n"
+    "                whole = q_whole & ((kt * BLOCK_N + BLOCK_N) * S <= n)\n"
+    "            else:\n"
+    "                whole = False\n"
+    "            if whole:\n"
+    "                for it in range(0, S * ND):\n"
+    "                    t = it // ND\n"
+    "                    d = (it % ND) * BLOCK_D + offs_d\n"
+    "                    q = tl.load(q_rows[:, None] - t * s_qt + d[None, :] * s_qd)\n"
+    "                    k = tl.load((k_cols + t * s_kn)[None, :] + d[:, None] * s_kd)\n"
+    "                    acc = tl.dot(q, k.to(q.dtype), acc, input_precision=PREC)\n"
+    "            else:\n"
+    + "".join("    " + line + "\n" for line in _CHUNK_LOOP.splitlines()[1:])
+)
+_ROWS = "        rows = a0 + offs_m  # absolute super-rows\n"
 VARIANTS = {
+    "edge-masks": [(_CHUNK_LOOP, _WHOLE_LOOP),
+                   (_ROWS, _ROWS + "        q_whole = (a0 * S >= ctx) & ((a0 + BLOCK_M) * S <= n)\n")],
     "no-epilogue": [(EPILOGUE, NO_EPILOGUE)],
     "no-load-masks": [(Q_MASK, ")"), (K_MASK, ")")],
     "q-evict-last": [Q_LAST],
@@ -158,7 +188,7 @@ def main():
             plan64 = plan_prefill(cu_q, sl, block_size=128, stride=S, block_m=64).to("cuda")
             cases["head-major-q, block_m 64"] = lambda: scoring.antidiagonal_scores_paged(q_hm, kv, bt, plan64)
             want = scoring.antidiagonal_scores_paged(q, kv, bt, plan)
-            for name in ("head-major-q", "baseline", "ws-prototype", "heads-outer"):
+            for name in ("head-major-q", "baseline", "ws-prototype", "heads-outer", "edge-masks"):
                 if name in cases and (not args.only or name in args.only):
                     assert torch.allclose(cases[name](), want, rtol=1e-4, atol=1e-6), name
             cases = {k: f for k, f in cases.items() if not args.only or k in args.only}
