@@ -23,7 +23,8 @@ temporary module (so the product kernel carries no diagnostic switches):
   software pipeline over all key tiles) and ``n128, 2/SM`` (128-column tiles, two programs per
   SM) were variants at af47b74, both slower: ``scoring_probe7_h100.json``.)
 - ``edge-masks``: the load masks only on the tiles that need them (a second, unmasked copy of
-  the chunk loop for whole tiles), scores unchanged.
+  the chunk loop for whole tiles), scores unchanged; ``edge-masks, TMA query``: the same with
+  the whole tiles' query through a TMA descriptor (rows S tokens apart are a 3-D box).
 - ``heads-outer``: work items head by head instead of heads innermost.
 - ``paired-q`` / ``quarter-q``: query heads h and h + Hq/2 (heads Hq/4 apart) read the same
   query memory, so the resident programs hold 1/2 (1/4) as many distinct query tiles; between
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -102,9 +104,28 @@ _WHOLE_LOOP = (
     + "".join("    " + line + "\n" for line in _CHUNK_LOOP.splitlines()[1:])
 )
 _ROWS = "        rows = a0 + offs_m  # absolute super-rows\n"
+_Q_WHOLE = (_ROWS, _ROWS + "        q_whole = (a0 * S >= ctx) & ((a0 + BLOCK_M) * S <= n)\n")
+# edge-masks with the whole tiles' query through TMA: q [T, Hq, D] seen as 2-D rows of S tokens
+# ([T/S, S * token stride]), so Q_t's rows of a tile, S tokens apart, are one [BLOCK_M, BLOCK_D]
+# box at column j * token stride + h * head stride + chunk. Only whole tiles use it: every row of the box
+# lies inside the request.
+_Q_TMA_LOAD = ("                    tok = q_start - ctx + a0 * S + (S - 1 - t)\n"
+               "                    q = q_desc.load([tok // S, (tok % S) * s_qt + h * s_qh + (it % ND) * BLOCK_D])\n")
+_Q_TMA_HOST = '''
+
+def _q_descriptor(q, S, block_m, block_d):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if q.stride(2) != 1 or q.stride(1) * q.shape[1] > q.stride(0):
+        raise ValueError("the TMA query needs q token-major with a contiguous last dimension")
+    rows = -(-q.shape[0] // S)
+    return TensorDescriptor(q, [rows, S * q.stride(0)], [S * q.stride(0), 1], [block_m, block_d])
+
+
+def antidiagonal_scores_paged('''
+
 VARIANTS = {
-    "edge-masks": [(_CHUNK_LOOP, _WHOLE_LOOP),
-                   (_ROWS, _ROWS + "        q_whole = (a0 * S >= ctx) & ((a0 + BLOCK_M) * S <= n)\n")],
+    "edge-masks": [(_CHUNK_LOOP, _WHOLE_LOOP), _Q_WHOLE],
     "no-epilogue": [(EPILOGUE, NO_EPILOGUE)],
     "no-load-masks": [(Q_MASK, ")"), (K_MASK, ")")],
     "q-evict-last": [Q_LAST],
@@ -113,6 +134,14 @@ VARIANTS = {
     # work items head by head (each head's tiles longest first) instead of heads innermost: the
     # programs resident together read one KV head's keys (the all-heads GEMM ran 9 % faster one
     # head at a time than heads innermost: gemm_ceiling_heads_*_h100.json)
+    "edge-masks, TMA query": [
+        (_CHUNK_LOOP, _WHOLE_LOOP.replace(
+            "                    q = tl.load(q_rows[:, None] - t * s_qt + d[None, :] * s_qd)\n", _Q_TMA_LOAD)),
+        _Q_WHOLE,
+        ("    q_ptr, kv_ptr, bt_ptr,", "    q_ptr, q_desc, kv_ptr, bt_ptr,"),
+        ("        q, kv_cache, block_table, out,",
+         "        q, _q_descriptor(q, S, plan.block_m, block_d), kv_cache, block_table, out,"),
+        ("\n\ndef antidiagonal_scores_paged(", _Q_TMA_HOST)],
     "heads-outer": [("        tile = w // num_q_heads  # heads innermost: neighbours share K in L2\n"
                      "        h = w % num_q_heads\n",
                      "        tile = w % (n_work // num_q_heads)\n"
@@ -130,7 +159,7 @@ def load_variant(name: str, source: Path = SRC):
     for old, new in VARIANTS[name] if source == SRC else []:  # a name typo fails here
         assert old in src, (name, old[:60])
         src = src.replace(old, new, 1)
-    path = Path(tempfile.mkdtemp()) / f"scoring_{name.replace('-', '_')}.py"
+    path = Path(tempfile.mkdtemp()) / f"scoring_{re.sub(r'[^0-9A-Za-z]+', '_', name)}.py"
     path.write_text(src)  # Triton reads the kernel's source from its file
     spec = importlib.util.spec_from_file_location(path.stem, path)
     mod = importlib.util.module_from_spec(spec)
@@ -188,7 +217,8 @@ def main():
             plan64 = plan_prefill(cu_q, sl, block_size=128, stride=S, block_m=64).to("cuda")
             cases["head-major-q, block_m 64"] = lambda: scoring.antidiagonal_scores_paged(q_hm, kv, bt, plan64)
             want = scoring.antidiagonal_scores_paged(q, kv, bt, plan)
-            for name in ("head-major-q", "baseline", "ws-prototype", "heads-outer", "edge-masks"):
+            for name in ("head-major-q", "baseline", "ws-prototype", "heads-outer", "edge-masks",
+                         "edge-masks, TMA query"):
                 if name in cases and (not args.only or name in args.only):
                     assert torch.allclose(cases[name](), want, rtol=1e-4, atol=1e-6), name
             cases = {k: f for k, f in cases.items() if not args.only or k in args.only}

@@ -31,14 +31,16 @@ _SCORE_ALIGNED = ("s_qt", "s_qh", "s_kp", "s_kh", "s_kn", "s_ah", "s_ar")
 _INSTR = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
 
 
-def _sass(fn, pointers: dict, aligned, consts: dict, num_warps: int, num_stages: int) -> str:
+def _sass(fn, pointers: dict, aligned, consts: dict, num_warps: int, num_stages: int,
+          types: dict | None = None) -> str:
     import triton
     import triton.backends.nvidia
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     params = list(inspect.signature(fn.fn).parameters)
-    sig = {p: pointers.get(p) or ("constexpr" if p in consts else "fp32" if p == "qk_scale" else "i32")
+    types = {**pointers, **(types or {})}
+    sig = {p: types.get(p) or ("constexpr" if p in consts else "fp32" if p == "qk_scale" else "i32")
            for p in params}
     attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p in pointers or p in aligned}
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
@@ -51,21 +53,26 @@ def _sass(fn, pointers: dict, aligned, consts: dict, num_warps: int, num_stages:
 
 
 def mma_loop(sass: str) -> dict:
-    """The innermost loop around the first HGMMA: the nearest label before it whose branch back
-    comes after it. Counts its instructions and opcodes (predication stripped)."""
+    """The innermost loop around the first HGMMA: of the labels before it that a branch after it
+    jumps back to, the one whose back branch comes first (an mbarrier wait's retry block at the
+    end of the kernel also jumps back into a TMA loop, from far away). Counts its instructions
+    and opcodes (predication stripped)."""
     lines = sass.splitlines()
     first = next(i for i, line in enumerate(lines) if "HGMMA" in line)
+    loops = []  # (back branch, label line)
     for lab in range(first, -1, -1):
         m = re.match(r"^(\.L_x_\d+):", lines[lab])
-        if not m:
-            continue
-        back = [i for i in range(first, len(lines)) if "BRA" in lines[i] and f"`({m[1]})" in lines[i]]
-        if back:
-            body = [_INSTR.search(line) for line in lines[lab:back[0] + 1]]
-            ops = Counter(x[2] for x in body if x)
-            return dict(instructions=sum(ops.values()), hgmma=ops["HGMMA"], ldgsts=ops["LDGSTS"],
-                        opcodes=dict(ops.most_common()))
-    raise ValueError("no loop around the first HGMMA")
+        if m:
+            back = next((i for i in range(first, len(lines)) if "BRA" in lines[i] and f"`({m[1]})" in lines[i]), None)
+            if back is not None:
+                loops.append((back, lab))
+    if not loops:
+        raise ValueError("no loop around the first HGMMA")
+    back, lab = min(loops, key=lambda x: (x[0], -x[1]))
+    body = [_INSTR.search(line) for line in lines[lab:back + 1]]
+    ops = Counter(x[2] for x in body if x)
+    return dict(instructions=sum(ops.values()), hgmma=ops["HGMMA"], ldgsts=ops["LDGSTS"],
+                opcodes=dict(ops.most_common()))
 
 
 def scoring_loop(stride: int, variant: str | None = None, head_dim: int = 128) -> dict:
@@ -78,7 +85,15 @@ def scoring_loop(stride: int, variant: str | None = None, head_dim: int = 128) -
         mod = scoring
     consts = dict(S=stride, D=head_dim, BLOCK_D=64, B=128, PAGE=16, BLOCK_M=128, BLOCK_N=256, PREC="tf32",
                   UPCAST=False, s_qd=1, s_kd=1)  # unit strides are specialised at launch
-    sass = _sass(mod._score_kernel, _SCORE_POINTERS, _SCORE_ALIGNED, consts, num_warps=8, num_stages=4)
+    types = {}
+    if "q_desc" in inspect.signature(mod._score_kernel.fn).parameters:  # a TMA-query probe variant
+        import torch
+        from triton.runtime.jit import mangle_type
+
+        q = torch.empty(64, 32, head_dim, dtype=torch.bfloat16)
+        types["q_desc"] = mangle_type(mod._q_descriptor(q, stride, 128, 64))
+    sass = _sass(mod._score_kernel, _SCORE_POINTERS, _SCORE_ALIGNED, consts, num_warps=8, num_stages=4,
+                 types=types)
     return dict(kernel=f"scoring{', ' + variant if variant else ''}", stride=stride, **mma_loop(sass))
 
 
