@@ -16,6 +16,7 @@ import argparse
 import inspect
 import json
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -119,7 +120,7 @@ def main():
         import triton
 
         from bench_common import write_records
-        write_records(args.out, records, "python scripts/sass_loop.py " + " ".join(sys.argv[1:]),
+        write_records(args.out, records, "python scripts/sass_loop.py " + shlex.join(sys.argv[1:]),
                       device=f"none: compiled offline for sm_90a (Triton {triton.__version__}'s ptxas)")
 
 
