@@ -87,6 +87,7 @@ K_FIRST = (K_MASK, K_MASK[:-1] + ', eviction_policy="evict_first")')
 # but made every wgmma wait for the one before (WARPGROUP.DEPBAR 0 after each HGMMA).
 _CHUNK_LOOP = _lines_between(SRC.read_text(), "acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)",
                              "acc = tl.dot(q, k.to(q.dtype), acc, input_precision=PREC)")
+_WHOLE_Q_LOAD = "                    q = tl.load(q_rows[:, None] - t * s_qt + d[None, :] * s_qd)\n"
 _WHOLE_LOOP = (
     "            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)\n"
     "            if PAGE % S == 0 and not UPCAST:\n"
@@ -97,7 +98,7 @@ _WHOLE_LOOP = (
     "                for it in range(0, S * ND):\n"
     "                    t = it // ND\n"
     "                    d = (it % ND) * BLOCK_D + offs_d\n"
-    "                    q = tl.load(q_rows[:, None] - t * s_qt + d[None, :] * s_qd)\n"
+    + _WHOLE_Q_LOAD +
     "                    k = tl.load((k_cols + t * s_kn)[None, :] + d[:, None] * s_kd)\n"
     "                    acc = tl.dot(q, k.to(q.dtype), acc, input_precision=PREC)\n"
     "            else:\n"
@@ -107,8 +108,8 @@ _ROWS = "        rows = a0 + offs_m  # absolute super-rows\n"
 _Q_WHOLE = (_ROWS, _ROWS + "        q_whole = (a0 * S >= ctx) & ((a0 + BLOCK_M) * S <= n)\n")
 # edge-masks with the whole tiles' query through TMA: q [T, Hq, D] seen as 2-D rows of S tokens
 # ([T/S, S * token stride]), so Q_t's rows of a tile, S tokens apart, are one [BLOCK_M, BLOCK_D]
-# box at column j * token stride + h * head stride + chunk. Only whole tiles use it: every row of the box
-# lies inside the request.
+# box at column j * token stride + h * head stride + chunk. Only whole tiles use it: every row
+# of the box lies inside the request.
 _Q_TMA_LOAD = ("                    tok = q_start - ctx + a0 * S + (S - 1 - t)\n"
                "                    q = q_desc.load([tok // S, (tok % S) * s_qt + h * s_qh + (it % ND) * BLOCK_D])\n")
 _Q_TMA_HOST = '''
@@ -126,6 +127,13 @@ def antidiagonal_scores_paged('''
 
 VARIANTS = {
     "edge-masks": [(_CHUNK_LOOP, _WHOLE_LOOP), _Q_WHOLE],
+    "edge-masks, TMA query": [
+        (_CHUNK_LOOP, _WHOLE_LOOP.replace(_WHOLE_Q_LOAD, _Q_TMA_LOAD)),
+        _Q_WHOLE,
+        ("    q_ptr, kv_ptr, bt_ptr,", "    q_ptr, q_desc, kv_ptr, bt_ptr,"),
+        ("        q, kv_cache, block_table, out,",
+         "        q, _q_descriptor(q, S, plan.block_m, block_d), kv_cache, block_table, out,"),
+        ("\n\ndef antidiagonal_scores_paged(", _Q_TMA_HOST)],
     "no-epilogue": [(EPILOGUE, NO_EPILOGUE)],
     "no-load-masks": [(Q_MASK, ")"), (K_MASK, ")")],
     "q-evict-last": [Q_LAST],
@@ -134,14 +142,6 @@ VARIANTS = {
     # work items head by head (each head's tiles longest first) instead of heads innermost: the
     # programs resident together read one KV head's keys (the all-heads GEMM ran 9 % faster one
     # head at a time than heads innermost: gemm_ceiling_heads_*_h100.json)
-    "edge-masks, TMA query": [
-        (_CHUNK_LOOP, _WHOLE_LOOP.replace(
-            "                    q = tl.load(q_rows[:, None] - t * s_qt + d[None, :] * s_qd)\n", _Q_TMA_LOAD)),
-        _Q_WHOLE,
-        ("    q_ptr, kv_ptr, bt_ptr,", "    q_ptr, q_desc, kv_ptr, bt_ptr,"),
-        ("        q, kv_cache, block_table, out,",
-         "        q, _q_descriptor(q, S, plan.block_m, block_d), kv_cache, block_table, out,"),
-        ("\n\ndef antidiagonal_scores_paged(", _Q_TMA_HOST)],
     "heads-outer": [("        tile = w // num_q_heads  # heads innermost: neighbours share K in L2\n"
                      "        h = w % num_q_heads\n",
                      "        tile = w % (n_work // num_q_heads)\n"
