@@ -94,31 +94,40 @@ def _gemm_rowsum_heads_tma(a_desc, b_desc, out_ptr, K, H, GROUP, M, n_tiles_m, n
     tl.store(out_ptr + (h * n_tiles_m * BM + rm) * n_tiles_n + pn, tl.sum(acc, 1))
 
 
+def heads_gemm_launchers(a, b, out, BM=128, BN=256, BK=64, warps=8, stages=3) -> dict:
+    """{(tma, heads_inner): launch} of the all-heads GEMMs over a [H, M, K] and b [H/GROUP, M, K]
+    (row sums into out [H, M, M/BN]), pointer loads first."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    (heads, M, K), kv_heads = a.shape, b.shape[0]
+    group, ntm, ntn = heads // kv_heads, M // BM, M // BN
+    a_desc = TensorDescriptor.from_tensor(a.view(heads * M, K), [BM, BK])
+    b_desc = TensorDescriptor.from_tensor(b.view(kv_heads * M, K), [BN, BK])
+    grid = (heads * ntm * ntn,)
+    kw = dict(BM=BM, BN=BN, BK=BK, num_warps=warps, num_stages=stages)
+    fns = {}
+    for inner in (True, False):
+        fns[False, inner] = lambda inner=inner: _gemm_rowsum_heads[grid](
+            a, b, out, K, heads, group, a.stride(0), a.stride(1), b.stride(0), b.stride(1), ntm, ntn,
+            HEADS_INNER=inner, **kw)
+    for inner in (True, False):
+        fns[True, inner] = lambda inner=inner: _gemm_rowsum_heads_tma[grid](
+            a_desc, b_desc, out, K, heads, group, M, ntm, ntn, HEADS_INNER=inner, **kw)
+    return fns
+
+
 def time_heads(M, K, heads=32, kv_heads=8, BM=128, BN=256, BK=64, warps=8, stages=3):
     """The same GEMM for every head of the Llama layer (1 GB of query, 256 MB of keys, as much as
     scoring at 128K / S=8 streams): is ~630 TF/s an L2-resident figure?"""
     g = torch.Generator(device="cuda").manual_seed(1)
     a = torch.randn(heads, M, K, generator=g, device="cuda").to(torch.bfloat16)
     b = torch.randn(kv_heads, M, K, generator=g, device="cuda").to(torch.bfloat16)
-    group, ntm, ntn = heads // kv_heads, M // BM, M // BN
+    group, ntn = heads // kv_heads, M // BN
     # row sums of A B^T = A (B^T 1): the check without the product
     want = torch.stack([a[h].float() @ b[h // group].float().sum(0) for h in range(heads)])
     out = torch.empty(heads, M, ntn, device="cuda", dtype=torch.float32)
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    a_desc = TensorDescriptor.from_tensor(a.view(heads * M, K), [BM, BK])
-    b_desc = TensorDescriptor.from_tensor(b.view(kv_heads * M, K), [BN, BK])
-    grid = (heads * ntm * ntn,)
     records = []
-    for tma, inner in ((False, True), (False, False), (True, True), (True, False)):
-        if tma:
-            fn = lambda inner=inner: _gemm_rowsum_heads_tma[grid](
-                a_desc, b_desc, out, K, heads, group, M, ntm, ntn,
-                BM=BM, BN=BN, BK=BK, HEADS_INNER=inner, num_warps=warps, num_stages=stages)
-        else:
-            fn = lambda inner=inner: _gemm_rowsum_heads[grid](
-                a, b, out, K, heads, group, a.stride(0), a.stride(1), b.stride(0), b.stride(1), ntm, ntn,
-                BM=BM, BN=BN, BK=BK, HEADS_INNER=inner, num_warps=warps, num_stages=stages)
+    for (tma, inner), fn in heads_gemm_launchers(a, b, out, BM, BN, BK, warps, stages).items():
         out.zero_()
         fn()
         err = ((out.sum(2) - want).norm() / want.norm()).item()

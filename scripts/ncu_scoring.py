@@ -68,24 +68,14 @@ def run_case(what: str, stride: int = 8, n: int = 32768) -> None:
     from bench_common import SHAPES, paged_inputs
 
     if what == "gemm":
-        import bench_gemm_ceiling as g
-        from triton.tools.tensor_descriptor import TensorDescriptor
+        from bench_gemm_ceiling import heads_gemm_launchers
 
-        H, KV, M, K, BM, BN, BK = 32, 8, n // stride, stride * 128, 128, 256, 64
+        H, KV, M, K = 32, 8, n // stride, stride * 128
         a = torch.randn(H, M, K, device="cuda").to(torch.bfloat16)
         b = torch.randn(KV, M, K, device="cuda").to(torch.bfloat16)
-        ntm, ntn = M // BM, M // BN
-        out = torch.empty(H, M, ntn, device="cuda")
-        ad = TensorDescriptor.from_tensor(a.view(H * M, K), [BM, BK])
-        bd = TensorDescriptor.from_tensor(b.view(KV * M, K), [BN, BK])
-        grid = (H * ntm * ntn,)
-        for inner in (True, False):
-            g._gemm_rowsum_heads[grid](a, b, out, K, H, H // KV, a.stride(0), a.stride(1), b.stride(0),
-                                       b.stride(1), ntm, ntn, BM=BM, BN=BN, BK=BK, HEADS_INNER=inner,
-                                       num_warps=8, num_stages=3)
-        for inner in (True, False):
-            g._gemm_rowsum_heads_tma[grid](ad, bd, out, K, H, H // KV, M, ntm, ntn, BM=BM, BN=BN, BK=BK,
-                                           HEADS_INNER=inner, num_warps=8, num_stages=3)
+        out = torch.empty(H, M, M // 256, device="cuda")
+        for launch in heads_gemm_launchers(a, b, out).values():  # GEMM_CASES' order
+            launch()
     else:
         from probe_scoring_variants import load_variant
 

@@ -25,11 +25,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-_SCORE_POINTERS = {"q_ptr": "*bf16", "kv_ptr": "*bf16", "bt_ptr": "*i32", "a_ptr": "*fp32", "scr_p_ptr": "*fp32",
-                   "scr_m_ptr": "*fp32", "tiles_ptr": "*i32", "req_ptr": "*i32", "queue_ptr": "*i32"}
-# multiples of 16 as serving launches see them (Triton specialises on that)
-_SCORE_ALIGNED = ("s_qt", "s_qh", "s_kp", "s_kh", "s_kn", "s_ah", "s_ar")
+# The scoring kernels' pointer parameters (the Triton kernel's and the Gluon prototype's), and the
+# strides that are multiples of 16 as serving launches see them (Triton specialises on that).
+SCORE_POINTERS = {"q_ptr": "*bf16", "kv_ptr": "*bf16", "bt_ptr": "*i32", "a_ptr": "*fp32", "scr_p_ptr": "*fp32",
+                  "scr_m_ptr": "*fp32", "tiles_ptr": "*i32", "req_ptr": "*i32", "queue_ptr": "*i32"}
+SCORE_ALIGNED = ("s_qt", "s_qh", "s_kp", "s_kh", "s_kn", "s_ah", "s_ar")
 _INSTR = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
+
+
+def sm90_signature(fn, consts: dict, pointers: dict = SCORE_POINTERS, aligned=SCORE_ALIGNED,
+                   types: dict | None = None) -> tuple[dict, dict]:
+    """(signature, attrs) to compile jit function ``fn`` offline as launches would: ``consts`` as
+    constexprs, ``pointers`` / ``types`` as typed, ``qk_scale`` fp32, other scalars i32, and
+    pointers plus ``aligned`` strides divisible by 16."""
+    params = list(inspect.signature(fn.fn).parameters)
+    types = {**pointers, **(types or {})}
+    sig = {p: types.get(p) or ("constexpr" if p in consts else "fp32" if p == "qk_scale" else "i32")
+           for p in params}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p in pointers or p in aligned}
+    return sig, attrs
 
 
 def _sass(fn, pointers: dict, aligned, consts: dict, num_warps: int, num_stages: int,
@@ -39,11 +53,7 @@ def _sass(fn, pointers: dict, aligned, consts: dict, num_warps: int, num_stages:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    params = list(inspect.signature(fn.fn).parameters)
-    types = {**pointers, **(types or {})}
-    sig = {p: types.get(p) or ("constexpr" if p in consts else "fp32" if p == "qk_scale" else "i32")
-           for p in params}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p in pointers or p in aligned}
+    sig, attrs = sm90_signature(fn, consts, pointers, aligned, types)
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
     nvdisasm = Path(triton.backends.nvidia.__path__[0]) / "bin" / "nvdisasm"
@@ -93,7 +103,7 @@ def scoring_loop(stride: int, variant: str | None = None, head_dim: int = 128) -
 
         q = torch.empty(64, 32, head_dim, dtype=torch.bfloat16)
         types["q_desc"] = mangle_type(mod._q_descriptor(q, stride, 128, 64))
-    sass = _sass(mod._score_kernel, _SCORE_POINTERS, _SCORE_ALIGNED, consts, num_warps=8, num_stages=4,
+    sass = _sass(mod._score_kernel, SCORE_POINTERS, SCORE_ALIGNED, consts, num_warps=8, num_stages=4,
                  types=types)
     return dict(kernel=f"scoring{', ' + variant if variant else ''}", stride=stride, **mma_loop(sass))
 

@@ -24,7 +24,6 @@ rows, PAGE % S == 0, 128-row work tiles (the default) and key tiles of at most 2
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import re
 import subprocess
@@ -285,11 +284,6 @@ def antidiagonal_scores_paged_ws(
     return out
 
 
-_POINTERS = {"q_ptr": "*bf16", "kv_ptr": "*bf16", "bt_ptr": "*i32", "a_ptr": "*fp32", "scr_p_ptr": "*fp32",
-             "scr_m_ptr": "*fp32", "tiles_ptr": "*i32", "req_ptr": "*i32", "queue_ptr": "*i32"}
-_ALIGNED = ("s_qt", "s_qh", "s_kp", "s_kh", "s_kn", "s_ah", "s_ar")  # multiples of 16, as launches see them
-
-
 def compile_report(stride: int, head_dim: int, *, block_size: int = 128, page: int = 16, block_n: int = 256,
                    num_stages: int = 4, loader_regs: int = 112) -> dict:
     """Compile the kernel for sm_90a without a GPU (Triton's own ptxas) and report what ptxas
@@ -298,12 +292,11 @@ def compile_report(stride: int, head_dim: int, *, block_size: int = 128, page: i
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    params = list(inspect.signature(_score_ws_kernel.fn).parameters)
+    from sass_loop import sm90_signature
+
     consts = dict(S=stride, D=head_dim, B=block_size, PAGE=page, BLOCK_M=128, BLOCK_N=block_n,
                   NUM_STAGES=num_stages, LOADER_REGS=loader_regs, EPILOGUE=True)
-    sig = {p: _POINTERS.get(p) or ("constexpr" if p in consts else "fp32" if p == "qk_scale" else "i32")
-           for p in params}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if p in _POINTERS or p in _ALIGNED}
+    sig, attrs = sm90_signature(_score_ws_kernel, consts)
     k = triton.compile(GluonASTSource(fn=_score_ws_kernel, signature=sig, constexprs=consts, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
     with tempfile.TemporaryDirectory() as tmp:
