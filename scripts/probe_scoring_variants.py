@@ -124,6 +124,29 @@ def _q_descriptor(q, S, block_m, block_d):
 
 
 def antidiagonal_scores_paged('''
+# edge-masks with both operands of whole tiles through TMA: the keys from a contiguous copy of
+# the cache (every page of each block-table row, in order; k_start[r] = r * row width), seen
+# like the query as 2-D rows of S tokens. The copy runs inside the timed call: its cost counts.
+_K_TMA_LOAD = ("                    ktok = k0 + (kt * BLOCK_N) * S + t\n"
+               "                    k = k_desc.load([ktok // S, (ktok % S) * s_ft + hk * D + (it % ND) * BLOCK_D]).T\n")
+_K_WHOLE_LOAD = "                    k = tl.load((k_cols + t * s_kn)[None, :] + d[:, None] * s_kd)\n"
+_K_TMA_HOST = '''
+
+def _k_gathered(kv_cache, block_table, S, block_n, block_d):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    r, width = block_table.shape
+    _, hkv, page, two_d = kv_cache.shape
+    d = two_d // 2
+    if (width * page) % S:
+        raise ValueError("the gathered keys need S to divide a block-table row's tokens")
+    k = kv_cache[block_table.reshape(-1).long(), :, :, :d].transpose(1, 2).reshape(r * width * page, hkv * d)
+    k_start = torch.arange(r, dtype=torch.int32, device=k.device) * (width * page)
+    desc = TensorDescriptor(k, [k.shape[0] // S, S * k.shape[1]], [S * k.shape[1], 1], [block_n, block_d])
+    return k, desc, k_start
+
+
+def antidiagonal_scores_paged('''
 
 VARIANTS = {
     "edge-masks": [(_CHUNK_LOOP, _WHOLE_LOOP), _Q_WHOLE],
@@ -134,6 +157,18 @@ VARIANTS = {
         ("        q, kv_cache, block_table, out,",
          "        q, _q_descriptor(q, S, plan.block_m, block_d), kv_cache, block_table, out,"),
         ("\n\ndef antidiagonal_scores_paged(", _Q_TMA_HOST)],
+    "edge-masks, TMA query and keys": [
+        (_CHUNK_LOOP, _WHOLE_LOOP.replace(_WHOLE_Q_LOAD, _Q_TMA_LOAD).replace(_K_WHOLE_LOAD, _K_TMA_LOAD)),
+        _Q_WHOLE,
+        (_ROWS, _ROWS + "        k0 = tl.load(kst_ptr + r)\n"),
+        ("    q_ptr, kv_ptr, bt_ptr,", "    q_ptr, q_desc, k_desc, kst_ptr, s_ft, kv_ptr, bt_ptr,"),
+        ("        q, kv_cache, block_table, out,",
+         "        q, _q_descriptor(q, S, plan.block_m, block_d), kdesc, kstart, kflat.stride(0),"
+         " kv_cache, block_table, out,"),
+        ("    out, scr_p, scr_m, queue = scoring_buffers(",
+         "    kflat, kdesc, kstart = _k_gathered(kv_cache, block_table, S, plan.block_n, block_d)\n"
+         "    out, scr_p, scr_m, queue = scoring_buffers("),
+        ("\n\ndef antidiagonal_scores_paged(", _Q_TMA_HOST.replace("\n\ndef antidiagonal_scores_paged(", "") + _K_TMA_HOST)],
     "no-epilogue": [(EPILOGUE, NO_EPILOGUE)],
     "no-load-masks": [(Q_MASK, ")"), (K_MASK, ")")],
     "q-evict-last": [Q_LAST],
@@ -218,7 +253,7 @@ def main():
             cases["head-major-q, block_m 64"] = lambda: scoring.antidiagonal_scores_paged(q_hm, kv, bt, plan64)
             want = scoring.antidiagonal_scores_paged(q, kv, bt, plan)
             for name in ("head-major-q", "baseline", "ws-prototype", "heads-outer", "edge-masks",
-                         "edge-masks, TMA query"):
+                         "edge-masks, TMA query", "edge-masks, TMA query and keys"):
                 if name in cases and (not args.only or name in args.only):
                     assert torch.allclose(cases[name](), want, rtol=1e-4, atol=1e-6), name
             cases = {k: f for k, f in cases.items() if not args.only or k in args.only}

@@ -24,7 +24,7 @@ def test_variant_substitutions_apply(name):
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU variant (Triton interpreter)")
 @pytest.mark.parametrize("name", ["no-load-masks", "q-last-k-first", "heads-outer", "edge-masks",
-                                  "edge-masks, TMA query"])
+                                  "edge-masks, TMA query", "edge-masks, TMA query and keys"])
 def test_score_keeping_variants_match_the_kernel_on_whole_tiles(name):
     # one request of whole scoring tiles: the load masks are all true, so dropping them is exact;
     # cache hints and the work order change no value
@@ -35,7 +35,7 @@ def test_score_keeping_variants_match_the_kernel_on_whole_tiles(name):
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU variant (Triton interpreter)")
-@pytest.mark.parametrize("name", ["edge-masks", "edge-masks, TMA query"])
+@pytest.mark.parametrize("name", ["edge-masks", "edge-masks, TMA query", "edge-masks, TMA query and keys"])
 def test_edge_masks_variants_keep_the_scores_with_context_partial_blocks_and_whole_tiles(name):
     # context before the queries (first tiles masked), a partial last block (last tiles masked),
     # and whole tiles in between that take the unmasked loop (and the TMA query); several
