@@ -25,6 +25,10 @@ temporary module (so the product kernel carries no diagnostic switches):
 - ``edge-masks``: the load masks only on the tiles that need them (a second, unmasked copy of
   the chunk loop for whole tiles), scores unchanged; ``edge-masks, TMA query``: the same with
   the whole tiles' query through a TMA descriptor (rows S tokens apart are a 3-D box).
+  ``edge-masks, TMA query and keys``: the keys too, from a contiguous copy of the cache made in
+  the call. ``aligned, TMA query`` / ``aligned, TMA query and keys``: one unmasked chunk loop
+  with those TMA loads, exact on inputs of whole tiles only (the probe's); ``key copy alone``
+  times that copy.
 - ``heads-outer``: work items head by head instead of heads innermost.
 - ``paired-q`` / ``quarter-q``: query heads h and h + Hq/2 (heads Hq/4 apart) read the same
   query memory, so the resident programs hold 1/2 (1/4) as many distinct query tiles; between
@@ -148,27 +152,46 @@ def _k_gathered(kv_cache, block_table, S, block_n, block_d):
 
 def antidiagonal_scores_paged('''
 
+# The substitutions that thread the TMA descriptors through: kernel parameters, launch
+# arguments, host helpers (inserted before the launcher).
+_Q_TMA_ARGS = [("    q_ptr, kv_ptr, bt_ptr,", "    q_ptr, q_desc, kv_ptr, bt_ptr,"),
+               ("        q, kv_cache, block_table, out,",
+                "        q, _q_descriptor(q, S, plan.block_m, block_d), kv_cache, block_table, out,"),
+               ("\n\ndef antidiagonal_scores_paged(", _Q_TMA_HOST)]
+_QK_TMA_ARGS = [
+    (_ROWS, _ROWS + "        k0 = tl.load(kst_ptr + r)\n"),
+    ("    q_ptr, kv_ptr, bt_ptr,", "    q_ptr, q_desc, k_desc, kst_ptr, s_ft, kv_ptr, bt_ptr,"),
+    ("        q, kv_cache, block_table, out,",
+     "        q, _q_descriptor(q, S, plan.block_m, block_d), kdesc, kstart, kflat.stride(0),"
+     " kv_cache, block_table, out,"),
+    ("    out, scr_p, scr_m, queue = scoring_buffers(",
+     "    kflat, kdesc, kstart = _k_gathered(kv_cache, block_table, S, plan.block_n, block_d)\n"
+     "    out, scr_p, scr_m, queue = scoring_buffers("),
+    ("\n\ndef antidiagonal_scores_paged(", _Q_TMA_HOST.replace("\n\ndef antidiagonal_scores_paged(", "") + _K_TMA_HOST)]
+# One chunk loop without any masks, both operands (or the query alone) through TMA: exact only on
+# inputs of whole tiles (no context, N a multiple of S times the tile sizes, as the probe's 32K /
+# 128K single requests are; the GPU run checks the scores first). It shows what the TMA feed is
+# worth without the second loop, whose own 4-stage load ring the edge-masks TMA variants need
+# (two rings of 192 KB exceed shared memory).
+_ALIGNED_LOOP = (
+    "            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)\n"
+    "            for it in range(0, S * ND):\n"
+    "                t = it // ND\n"
+    "                d = (it % ND) * BLOCK_D + offs_d\n"
+    + _Q_TMA_LOAD.replace(" " * 20, " " * 16) + _K_WHOLE_LOAD[4:] +
+    "                acc = tl.dot(q, k.to(q.dtype), acc, input_precision=PREC)\n")
+
 VARIANTS = {
     "edge-masks": [(_CHUNK_LOOP, _WHOLE_LOOP), _Q_WHOLE],
     "edge-masks, TMA query": [
-        (_CHUNK_LOOP, _WHOLE_LOOP.replace(_WHOLE_Q_LOAD, _Q_TMA_LOAD)),
-        _Q_WHOLE,
-        ("    q_ptr, kv_ptr, bt_ptr,", "    q_ptr, q_desc, kv_ptr, bt_ptr,"),
-        ("        q, kv_cache, block_table, out,",
-         "        q, _q_descriptor(q, S, plan.block_m, block_d), kv_cache, block_table, out,"),
-        ("\n\ndef antidiagonal_scores_paged(", _Q_TMA_HOST)],
+        (_CHUNK_LOOP, _WHOLE_LOOP.replace(_WHOLE_Q_LOAD, _Q_TMA_LOAD)), _Q_WHOLE, *_Q_TMA_ARGS],
     "edge-masks, TMA query and keys": [
         (_CHUNK_LOOP, _WHOLE_LOOP.replace(_WHOLE_Q_LOAD, _Q_TMA_LOAD).replace(_K_WHOLE_LOAD, _K_TMA_LOAD)),
-        _Q_WHOLE,
-        (_ROWS, _ROWS + "        k0 = tl.load(kst_ptr + r)\n"),
-        ("    q_ptr, kv_ptr, bt_ptr,", "    q_ptr, q_desc, k_desc, kst_ptr, s_ft, kv_ptr, bt_ptr,"),
-        ("        q, kv_cache, block_table, out,",
-         "        q, _q_descriptor(q, S, plan.block_m, block_d), kdesc, kstart, kflat.stride(0),"
-         " kv_cache, block_table, out,"),
-        ("    out, scr_p, scr_m, queue = scoring_buffers(",
-         "    kflat, kdesc, kstart = _k_gathered(kv_cache, block_table, S, plan.block_n, block_d)\n"
-         "    out, scr_p, scr_m, queue = scoring_buffers("),
-        ("\n\ndef antidiagonal_scores_paged(", _Q_TMA_HOST.replace("\n\ndef antidiagonal_scores_paged(", "") + _K_TMA_HOST)],
+        _Q_WHOLE, *_QK_TMA_ARGS],
+    "aligned, TMA query": [(_CHUNK_LOOP, _ALIGNED_LOOP), *_Q_TMA_ARGS],
+    "aligned, TMA query and keys": [
+        (_CHUNK_LOOP, _ALIGNED_LOOP.replace(_K_WHOLE_LOAD[4:], _K_TMA_LOAD.replace(" " * 20, " " * 16))),
+        *_QK_TMA_ARGS],
     "no-epilogue": [(EPILOGUE, NO_EPILOGUE)],
     "no-load-masks": [(Q_MASK, ")"), (K_MASK, ")")],
     "q-evict-last": [Q_LAST],
@@ -251,9 +274,13 @@ def main():
             cases["ws-prototype, no epilogue"] = lambda: antidiagonal_scores_paged_ws(q, kv, bt, plan, epilogue=False)
             plan64 = plan_prefill(cu_q, sl, block_size=128, stride=S, block_m=64).to("cuda")
             cases["head-major-q, block_m 64"] = lambda: scoring.antidiagonal_scores_paged(q_hm, kv, bt, plan64)
+            # the contiguous key copy that the TMA-keys variants make inside their call, alone
+            gather = mods["aligned, TMA query and keys"]._k_gathered
+            cases["key copy alone"] = lambda: gather(kv, bt, S, plan.block_n, 64)
             want = scoring.antidiagonal_scores_paged(q, kv, bt, plan)
             for name in ("head-major-q", "baseline", "ws-prototype", "heads-outer", "edge-masks",
-                         "edge-masks, TMA query", "edge-masks, TMA query and keys"):
+                         "edge-masks, TMA query", "edge-masks, TMA query and keys", "aligned, TMA query",
+                         "aligned, TMA query and keys", "no-load-masks"):
                 if name in cases and (not args.only or name in args.only):
                     assert torch.allclose(cases[name](), want, rtol=1e-4, atol=1e-6), name
             cases = {k: f for k, f in cases.items() if not args.only or k in args.only}
