@@ -21,11 +21,14 @@ from vllm_xattn.kernels import (
     XAttnPlan,
     antidiagonal_scores_paged,
     copy_tokens_heads,
+    key_copy_capacity,
     plan_prefill,
+    tma_device,
     scoring_programs,
     scoring_workspace_numel,
     select_blocks_packed,
 )
+from vllm_xattn.kernels.scoring import tma_supported
 from vllm_xattn.kernels.plan import _ints
 
 logger = init_logger("vllm.xattn")
@@ -132,7 +135,8 @@ class ScratchPool:
     _pools: dict[tuple, "ScratchPool"] = {}
 
     def __init__(self, *, max_tokens, max_reqs, max_seq_len, num_q_heads, head_dim, dtype,
-                 cfg: XAttnConfig, page_size: int, device, executor: str = "fa3"):
+                 cfg: XAttnConfig, page_size: int, device, executor: str = "fa3",
+                 num_kv_heads: int | None = None):
         B, S = cfg.block_size, cfg.stride
         max_kb = math.ceil(max_seq_len / B)
         # A chunk of Tq tokens starting anywhere touches at most Tq/B + 2 query blocks, and a
@@ -154,6 +158,12 @@ class ScratchPool:
         self.fi_last_page_len = torch.empty(num_q_heads * max_rows, dtype=torch.int32, device=device)
         if executor == "flashinfer":  # its buffers, and its JIT build now rather than mid-serving
             FlashInferContext.reserve(device, dtype=dtype, head_dim=head_dim, page_size=page_size)
+        # Scoring's key copy (kernels/key_copy.py) for its TMA loads, where the GPU has TMA: room
+        # for one request of max_seq_len keys (the builder plans the copy within it).
+        self.keys = None
+        if num_kv_heads is not None and tma_device(device, dtype):
+            self.keys = torch.empty(key_copy_capacity(max_seq_len), num_kv_heads * head_dim, dtype=dtype,
+                                    device=device)
         self.q = torch.empty(max_tokens * num_q_heads * head_dim, dtype=dtype, device=device)
         self.out = torch.empty_like(self.q)
         self.warmed = False  # kernels compiled on this pool (backends/warmup.py)
@@ -164,6 +174,18 @@ class ScratchPool:
         if key not in cls._pools:
             cls._pools[key] = cls(**kw)
         return cls._pools[key]
+
+    def key_copy_fits(self, plan: XAttnPlan) -> bool:
+        """Whether scoring can copy the plan's keys into the pool for its TMA loads. The builder
+        plans the copy within the pool (``key_copy_capacity``); a plan made without that bound
+        (tests, benchmarks) that needs more scores from the paged cache alone: slower, same scores."""
+        if self.keys is None:
+            return False
+        if plan.key_copy_rows > self.keys.shape[0]:
+            logger.warning_once("XATTN: a step's key copy (%d rows) exceeds the scratch pool's %d; "
+                                "scoring reads the paged cache", plan.key_copy_rows, self.keys.shape[0])
+            return False
+        return True
 
     def check_fits(self, plan: XAttnPlan, num_tokens: int, num_q_heads: int, head_dim: int) -> None:
         """Host-side guard (no sync): a step beyond the bounds the pool was sized for is a bug."""
@@ -202,7 +224,8 @@ class SparsePrefill:
         pool.check_fits(plan, T, self.hq, self.d)
         scores = pool.scores[:, : plan.total_q_blocks, : plan.max_kb]
         a = antidiagonal_scores_paged(q, kv_cache, step.block_table, plan, out=scores,
-                                      workspace=pool.workspace, num_programs=pool.num_programs)
+                                      workspace=pool.workspace, num_programs=pool.num_programs,
+                                      key_copy=pool.keys, tma=pool.key_copy_fits(plan) and tma_supported(q, kv_cache))
         counts, ids = select_blocks_packed(
             a, plan, mode=cfg.selection,
             threshold=self._tau(q.device),

@@ -32,7 +32,7 @@ from vllm_xattn.backends.sparse_prefill import (
 )
 from vllm_xattn.backends.warmup import warm_up_sparse_path
 from vllm_xattn.config import XAttnConfig, load_threshold_table, xattn_config_from_vllm
-from vllm_xattn.kernels import min_scoring_tiles
+from vllm_xattn.kernels import key_copy_capacity, min_scoring_tiles
 
 # Under the "vllm" logger so messages use vLLM's handlers and log level.
 logger = init_logger("vllm.xattn")
@@ -126,6 +126,12 @@ class XAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
         sms = (torch.cuda.get_device_properties(device).multi_processor_count
                if torch.device(device).type == "cuda" else 0)
         self._min_tiles = min_scoring_tiles(sms, self.num_heads_q) if sms else 0
+        # Scoring copies a request's keys for its TMA loads (kernels/key_copy.py) when enough of
+        # its work is whole tiles to pay for the copy: one read and write of the keys (4 KB per
+        # token on the Llama layer) against ~16 % of each whole tile's GEMM, which breaks even
+        # near 13 / (query heads per KV head) whole tiles (H100, scoring_probe14_h100.json).
+        self._key_copy = dict(key_copy_capacity=key_copy_capacity(vllm_config.model_config.max_model_len),
+                              key_copy_min_tiles=-(-16 // (self.num_heads_q // self.num_heads_kv)))
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> FlashAttentionMetadata:
@@ -139,7 +145,7 @@ class XAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
             # CPU copies only: no device sync. Upper bounds are exact for prefill rows.
             split = plan_sparse_suffix(cm.query_start_loc_cpu[: cm.num_reqs + 1],
                                        cm.seq_lens_cpu_upper_bound[: cm.num_reqs], self.xattn,
-                                       min_tiles=self._min_tiles)
+                                       min_tiles=self._min_tiles, **self._key_copy)
         if split is None:
             return super().build(common_prefix_len, cm, fast_build)
         first, plan = split
@@ -258,7 +264,7 @@ class XAttentionImpl(FlashAttentionImpl):
             max_tokens=cfg.scheduler_config.max_num_batched_tokens,
             max_reqs=cfg.scheduler_config.max_num_seqs, max_seq_len=cfg.model_config.max_model_len,
             num_q_heads=self.num_heads, head_dim=self.head_size, dtype=query.dtype, cfg=self.xattn,
-            page_size=page_size, device=query.device, executor=self.executor)
+            page_size=page_size, device=query.device, executor=self.executor, num_kv_heads=self.num_kv_heads)
         if not self._pool.warmed:
             self._pool.warmed = True
             kv_dtype = kv_cache_dtype_str_to_dtype(self.kv_cache_dtype, cfg.model_config)

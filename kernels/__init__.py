@@ -1,12 +1,14 @@
 """Triton kernels of vllm-xattn: scoring, selection and page lists over vLLM's paged KV cache.
 
 Per scheduler step: ``plan = plan_prefill(...).to(device)`` (host metadata, one copy). Per layer:
-``A = antidiagonal_scores_paged(q, kv_cache, block_table, plan)`` ->
+``A = antidiagonal_scores_paged(q, kv_cache, block_table, plan)`` (on Hopper it first copies the
+keys of the plan's long requests contiguously, ``copy_keys``, for its TMA loads) ->
 ``counts, ids = select_blocks_packed(A, plan, ...)`` ->
 ``lists = build_page_lists(counts, ids, block_table, kv_cache, plan)`` (padded, FA3) or
 ``build_page_csr(...)`` (CSR, FlashInfer) -> executor over ``folded_kv_views(kv_cache)``. No host synchronisation after the plan.
 """
 
+from .key_copy import copy_keys, key_copy_capacity, key_copy_rows, tma_device
 from .layout import copy_tokens_heads
 from .page_lists import PageCSR, PageLists, build_page_csr, build_page_lists
 from .paged import folded_kv_views, make_paged_cache, split_kv
@@ -21,8 +23,11 @@ __all__ = [
     "antidiagonal_scores_paged",
     "build_page_csr",
     "build_page_lists",
+    "copy_keys",
     "copy_tokens_heads",
     "folded_kv_views",
+    "key_copy_capacity",
+    "key_copy_rows",
     "make_paged_cache",
     "masks_from_selection",
     "min_scoring_tiles",
@@ -33,5 +38,6 @@ __all__ = [
     "select_blocks_packed",
     "selection_block_k",
     "split_kv",
+    "tma_device",
     "unpack_scores",
 ]

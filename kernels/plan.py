@@ -82,6 +82,10 @@ class XAttnPlan:
     row_request: Tensor  # [TQB]
     row_q_start: Tensor  # [TQB + 1] first query row (relative to q) of each packed row's block; last = T
     row_last_len: Tensor  # [TQB] keys of the diagonal block up to the block's last query: min(B, N - i*B)
+    # The scoring kernel's contiguous key copy (key_copy.py): first row of each request's keys,
+    # -1 for a request that is not copied, and the rows in use.
+    key_offset: Tensor  # [R]
+    key_copy_rows: int = 0
 
     def to(self, device, *extra: Tensor | None) -> "XAttnPlan" | tuple:
         """The plan with its tensors on ``device``, in one copy (``host_to_device``). Host
@@ -172,12 +176,18 @@ def plan_prefill(
     block_m: int | None = None,
     block_n: int | None = None,
     min_tiles: int = 0,
+    key_copy_capacity: int | None = None,
+    key_copy_min_tiles: int = 1,
 ) -> XAttnPlan:
     """Plan a varlen prefill batch. ``cu_seqlens_q`` [R+1] and ``seq_lens`` [R] (total keys N
     per request) are CPU ints. ``block_m``/``block_n`` (scoring tile sizes in super-tokens)
     must be multiples of B/S (so tiles own whole blocks), powers of two and >= 16.
     ``min_tiles``: without an explicit ``block_m``, halve the default while the batch has
-    fewer scoring tiles than this (see ``min_scoring_tiles``)."""
+    fewer scoring tiles than this (see ``min_scoring_tiles``).
+
+    ``key_copy_capacity``: rows of the scoring kernel's key copy (None: unbounded). A request's
+    keys are copied if it has at least ``key_copy_min_tiles`` whole scoring tiles (every row's
+    S tokens inside its query), longest request first while the copy has room."""
     B, S = block_size, stride
     if B % S:
         raise ValueError(f"stride {S} must divide block_size {B}")
@@ -199,7 +209,7 @@ def plan_prefill(
     for name, v in (("block_m", block_m), ("block_n", block_n)):
         if v % bps or v < 16 or v & (v - 1):
             raise ValueError(f"{name}={v} must be a power of two >= 16 and a multiple of B/S={bps}")
-    req, tiles, costs = [], [], []
+    req, tiles, costs, whole = [], [], [], [0] * R
     row_block, row_request, row_q_start, row_last_len = [], [], [], []
     off, max_kb = 0, 1
     for r in range(R):
@@ -219,9 +229,14 @@ def plan_prefill(
         a_last = (n - 1) // S
         for a0 in range(qb0 * bps, (last + 1) * bps, block_m):
             tiles.append([r, a0])
+            whole[r] += a0 * S >= ctx and (a0 + block_m) * S <= n
             costs.append(min(a0 + block_m - 1, a_last) // block_n + 1)  # causal key tiles
         off += n_qb
     order = sorted(range(len(tiles)), key=lambda t: -costs[t])  # longest first: balance
+    key_offset, rows = [-1] * R, 0
+    for r in sorted(range(R), key=lambda r: -ns[r]):
+        if whole[r] >= key_copy_min_tiles and (key_copy_capacity is None or rows + ns[r] <= key_copy_capacity):
+            key_offset[r], rows = rows, rows + ns[r]
     i32 = lambda x: torch.tensor(x, dtype=torch.int32)
     return XAttnPlan(
         block_size=B, stride=S, block_m=block_m, block_n=block_n,
@@ -230,4 +245,5 @@ def plan_prefill(
         req_meta=i32(req).reshape(R, 5), tiles=i32([tiles[t] for t in order]).reshape(-1, 2),
         row_block=i32(row_block), row_request=i32(row_request),
         row_q_start=i32(row_q_start + [cq[-1] - cq[0]]), row_last_len=i32(row_last_len),
+        key_offset=i32(key_offset), key_copy_rows=rows,
     )

@@ -8,6 +8,14 @@ softmax per super-row. Single pass: per key tile it stores the per-(super-row, k
 probability sums taken at the running max of that moment, plus that max, into a small
 per-program scratch; after the sweep it rescales them by exp2(m_then - m_final) / l_final and
 sums the rows of each query block into A. Scores are never recomputed nor written to HBM.
+
+On Hopper the GEMM of a whole tile (every row's S tokens inside the request, every key below N)
+reads both operands through TMA: the query as 2-D rows of S tokens (a tile's Q_t rows, S tokens
+apart, are one box), the keys from a contiguous copy of the cache (``key_copy.py``; a paged
+16-token page holds one or two rows of a key box, too few for TMA). That loop issues 114
+instructions per chunk where the masked pointer loop issues 192 (``scripts/sass_loop.py``) and
+ran 16-18 % faster on the H100 (``benchmarks/results/scoring_probe14_h100.json``). The tiles
+at a request's edges keep the masked loads from the paged cache.
 """
 
 from __future__ import annotations
@@ -19,10 +27,39 @@ import torch
 import triton
 import triton.language as tl
 
+from .key_copy import copy_keys, tma_device
 from .plan import XAttnPlan
 
 Tensor = torch.Tensor
 _LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _masked_tile_gemm(acc, q_rows, k_cols, k_base, bt_row, rows, cols, ctx, n, offs_d,
+                      s_qt, s_qd, s_kp, s_kn, s_kd,
+                      S: tl.constexpr, ND: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
+                      PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """acc += Q_t @ K_t^T over (t, D chunk) with masked loads of q and of the paged keys: the
+    tiles at a request's edges, and every tile where the whole-tile TMA path is off."""
+    for it in range(0, S * ND):
+        t = it // ND
+        d = (it % ND) * BLOCK_D + offs_d
+        qpos = rows * S + (S - 1 - t)
+        qmask = (qpos >= ctx) & (qpos < n)  # context rows and the tail are zeros
+        q = tl.load(q_rows[:, None] - t * s_qt + d[None, :] * s_qd, mask=qmask[:, None], other=0.0)
+        kpos = cols * S + t
+        kmask = kpos < n
+        if PAGE % S == 0:
+            k_ptrs = k_cols + t * s_kn
+        else:
+            page_t = tl.load(bt_row + kpos // PAGE, mask=kmask, other=0).to(tl.int64)
+            k_ptrs = k_base + page_t * s_kp + (kpos % PAGE) * s_kn
+        k = tl.load(k_ptrs[None, :] + d[:, None] * s_kd, mask=kmask[None, :], other=0.0)  # K_t^T
+        if UPCAST:  # the interpreter's bf16 dot is broken; fp32 there is exact anyway
+            q = q.to(tl.float32)
+            k = k.to(tl.float32)
+        acc = tl.dot(q, k.to(q.dtype), acc, input_precision=PREC)
+    return acc
 
 
 # Per-step ints (work count, key-tile bound) are not specialised on, so a new batch shape
@@ -30,7 +67,7 @@ _LOG2E = 1.4426950408889634
 # width), so the warm-up's own table compiles the same kernel (backends/warmup.py).
 @triton.jit(do_not_specialize=["n_work", "max_kt", "s_bt"])
 def _score_kernel(
-    q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_ptr, queue_ptr,
+    q_ptr, q_desc, kv_ptr, k_desc, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_ptr, koff_ptr, queue_ptr,
     n_work, num_q_heads, group,
     s_qt, s_qh, s_qd,
     s_kp, s_kh, s_kn, s_kd,
@@ -39,6 +76,7 @@ def _score_kernel(
     max_kt, qk_scale,
     S: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, B: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     BPS: tl.constexpr = B // S  # super-tokens per block
     NB_T: tl.constexpr = BLOCK_N // BPS  # key blocks per key tile
@@ -70,6 +108,11 @@ def _score_kernel(
         qb_off = tl.load(req_ptr + 5 * r + 4)
         hk = h // group
         rows = a0 + offs_m  # absolute super-rows
+        if TMA:
+            k0 = tl.load(koff_ptr + r)  # the request's first row in the key copy; -1: not copied
+            q_whole = (k0 >= 0) & (a0 * S >= ctx) & ((a0 + BLOCK_M) * S <= n)
+            q_tok = q_start - ctx + a0 * S + (S - 1)  # token of Q_0's first row
+            kv_row = (num_q_heads // group) * D  # a token's row in the key copy
         a_last = (n - 1) // S
         n_kt = tl.minimum(a0 + BLOCK_M - 1, a_last) // BLOCK_N + 1
         q_base = q_ptr + h.to(tl.int64) * s_qh
@@ -87,31 +130,35 @@ def _score_kernel(
             page_next = tl.load(bt_row + kpos_next // PAGE, mask=kpos_next < n, other=0)
         for kt in range(0, n_kt):
             cols = kt * BLOCK_N + offs_n
+            k_cols = k_base + offs_n * 0  # per-offset page lookups (PAGE % S != 0) do not use it
             if PAGE % S == 0:
                 kpos0 = cols * S
                 k_cols = k_base + page_next.to(tl.int64) * s_kp + (kpos0 % PAGE) * s_kn
                 kpos_next = kpos0 + BLOCK_N * S
                 page_next = tl.load(bt_row + kpos_next // PAGE, mask=kpos_next < n, other=0)
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            # One flat loop over (t, D chunk): acc += Q_t @ K_t^T.
-            for it in range(0, S * ND):
-                t = it // ND
-                d = (it % ND) * BLOCK_D + offs_d
-                qpos = rows * S + (S - 1 - t)
-                qmask = (qpos >= ctx) & (qpos < n)  # context rows and the tail are zeros
-                q = tl.load(q_rows[:, None] - t * s_qt + d[None, :] * s_qd, mask=qmask[:, None], other=0.0)
-                kpos = cols * S + t
-                kmask = kpos < n
-                if PAGE % S == 0:
-                    k_ptrs = k_cols + t * s_kn
+            if TMA:
+                if q_whole & ((kt * BLOCK_N + BLOCK_N) * S <= n):
+                    # Q_t's rows are tokens q_tok - t + i*S: row (tok // S) + i of the query seen
+                    # as rows of S tokens, at column (tok % S) * token stride; K_t's likewise in
+                    # the key copy.
+                    k_tok = k0 + kt * BLOCK_N * S
+                    for it in range(0, S * ND):
+                        t = it // ND
+                        dc = (it % ND) * BLOCK_D
+                        tok = q_tok - t
+                        q = q_desc.load([tok // S, (tok % S) * s_qt + h * s_qh + dc])
+                        k = k_desc.load([(k_tok + t) // S, ((k_tok + t) % S) * kv_row + hk * D + dc]).T
+                        if UPCAST:
+                            q = q.to(tl.float32)
+                            k = k.to(tl.float32)
+                        acc = tl.dot(q, k.to(q.dtype), acc, input_precision=PREC)
                 else:
-                    page_t = tl.load(bt_row + kpos // PAGE, mask=kmask, other=0).to(tl.int64)
-                    k_ptrs = k_base + page_t * s_kp + (kpos % PAGE) * s_kn
-                k = tl.load(k_ptrs[None, :] + d[:, None] * s_kd, mask=kmask[None, :], other=0.0)  # K_t^T
-                if UPCAST:  # the interpreter's bf16 dot is broken; fp32 there is exact anyway
-                    q = q.to(tl.float32)
-                    k = k.to(tl.float32)
-                acc = tl.dot(q, k.to(q.dtype), acc, input_precision=PREC)
+                    acc = _masked_tile_gemm(acc, q_rows, k_cols, k_base, bt_row, rows, cols, ctx, n, offs_d,
+                                            s_qt, s_qd, s_kp, s_kn, s_kd, S, ND, BLOCK_D, PAGE, PREC, UPCAST)
+            else:
+                acc = _masked_tile_gemm(acc, q_rows, k_cols, k_base, bt_row, rows, cols, ctx, n, offs_d,
+                                        s_qt, s_qd, s_kp, s_kn, s_kd, S, ND, BLOCK_D, PAGE, PREC, UPCAST)
             if kt * BLOCK_N + BLOCK_N - 1 > a0:  # only tiles that cross the diagonal need the causal mask
                 acc = tl.where(cols[None, :] <= rows[:, None], acc, float("-inf"))
             # The scale is applied inside the exponent (one FMA per score; qk_scale > 0 keeps
@@ -239,6 +286,8 @@ def antidiagonal_scores_paged(
     num_warps: int | None = None,
     num_stages: int | None = None,
     block_d: int | None = None,
+    key_copy: Tensor | None = None,
+    tma: bool | None = None,
 ) -> Tensor:
     """Block masses A, packed: float32 [Hq, plan.total_q_blocks, plan.max_kb].
 
@@ -249,6 +298,8 @@ def antidiagonal_scores_paged(
     columns j > i (and beyond the request's key blocks) are 0. No host synchronisation.
     num_programs: persistent grid size (default ``scoring_programs``: one per SM). workspace: optional preallocated
     float32 scratch of ``scoring_workspace_numel(plan, num_programs)`` elements.
+    key_copy: optional preallocated ``copy_keys`` buffer (``[>= key_copy_rows(plan), Hkv * D]``).
+    tma: whole tiles through TMA (default: where ``tma_supported``); False: masked loads only.
     """
     check_scoring_inputs(q, kv_cache, block_table, plan)
     _, hq, d = q.shape
@@ -264,10 +315,18 @@ def antidiagonal_scores_paged(
     n_work = plan.num_tiles * hq
     nprog = num_programs or max(1, min(n_work, scoring_programs(q.device)))
     out, scr_p, scr_m, queue = scoring_buffers(plan, hq, nprog, q.device, out, workspace)
+    if tma is None:
+        tma = tma_supported(q, kv_cache)
+    q_desc = k_desc = None
+    if tma:
+        key_copy = copy_keys(kv_cache, block_table, plan, out=key_copy)
+        q_desc = _rows_of_s_tokens(q, q.stride(0), S, plan.block_m, block_d)
+        k_desc = _rows_of_s_tokens(key_copy, key_copy.stride(0), S, plan.block_n, block_d)
     kw = {"num_warps": num_warps or _default_warps(plan.block_m * plan.block_n),
           "num_stages": num_stages or _default_stages(plan.block_m, plan.block_n, block_d, q.element_size())}
     _score_kernel[(nprog,)](
-        q, kv_cache, block_table, out, scr_p, scr_m, plan.tiles, plan.req_meta, queue,
+        q, q_desc, kv_cache, k_desc, block_table, out, scr_p, scr_m, plan.tiles, plan.req_meta,
+        plan.key_offset, queue,
         n_work, hq, hq // hkv,
         q.stride(0), q.stride(1), q.stride(2),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
@@ -278,9 +337,32 @@ def antidiagonal_scores_paged(
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=os.environ.get("TRITON_INTERPRET") == "1" and q.dtype == torch.bfloat16,
-        **kw,
+        TMA=tma, **kw,
     )
     return out
+
+
+def tma_supported(q: Tensor, kv_cache: Tensor) -> bool:
+    """Whether the scoring kernel's whole tiles can read through TMA: a GPU and dtype that
+    ``tma_device`` accepts, the cache in q's dtype, and a token-major query whose base and token
+    stride are 16-byte aligned."""
+    if q.stride(2) != 1 or q.stride(1) * (q.shape[1] - 1) + q.shape[2] > q.stride(0):
+        return False
+    if (q.data_ptr() % 16 or (q.stride(0) * q.element_size()) % 16
+            or (kv_cache.shape[1] * kv_cache.shape[3] // 2 * kv_cache.element_size()) % 16):
+        return False
+    return kv_cache.dtype == q.dtype and tma_device(q.device, q.dtype)
+
+
+def _rows_of_s_tokens(x: Tensor, token_stride: int, S: int, block_rows: int, block_d: int):
+    """TMA descriptor of token-major ``x`` (tokens along dim 0, unit last stride) seen as 2-D rows
+    of S tokens: box [block_rows, block_d] at (token // S, (token % S) * token_stride + column).
+    The last row may reach past ``x``: only whole tiles read through it, and all their tokens lie
+    in ``x``."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    rows = -(-x.shape[0] // S)
+    return TensorDescriptor(x, [rows, S * token_stride], [S * token_stride, 1], [block_rows, block_d])
 
 
 def unpack_scores(a_packed: Tensor, plan: XAttnPlan) -> list[Tensor]:

@@ -69,7 +69,7 @@ def analyze_layer(path, settings, dense_ms_cache, timing: bool):
         if (stride, tau) == (8, 0.9):
             cfg = XAttnConfig(stride=8, threshold=0.9)
             pool = ScratchPool(max_tokens=n, max_reqs=1, max_seq_len=n, num_q_heads=hq, head_dim=d,
-                               dtype=q.dtype, cfg=cfg, page_size=16, device=q.device)
+                               dtype=q.dtype, cfg=cfg, page_size=16, device=q.device, num_kv_heads=hkv)
             out = torch.empty_like(q)
             SparsePrefill(cfg, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, scale=d ** -0.5,
                           thresholds=None).run(q, kv, SparseStep(plan, bt, 0, n), out, pool)

@@ -63,7 +63,8 @@ def bench_inputs(q, kv, bt, cu_q, sl, *, shape: str, inputs: str, settings: list
     host_plan = plan_prefill(cu_q, sl, block_size=128, stride=args.stride)
     pool = ScratchPool(max_tokens=n, max_reqs=1, max_seq_len=n, num_q_heads=hq, head_dim=d,
                        dtype=q.dtype, cfg=XAttnConfig(stride=args.stride), page_size=args.page_size,
-                       device=q.device, executor="flashinfer" if "flashinfer" in args.executor else "fa3")
+                       device=q.device, executor="flashinfer" if "flashinfer" in args.executor else "fa3",
+                       num_kv_heads=hkv)
     # Selection heads: one mini-request per query head, or per KV group of G heads.
     group = hq // hkv if args.granularity == "kv_group" else 1
     sel_heads = hq // group

@@ -49,7 +49,7 @@ def main():
     cfg = XAttnConfig(**json.loads(args.config))
     q, kv, bt, _, _ = paged_inputs([N], [N], **dims)
     pool = ScratchPool(max_tokens=C, max_reqs=1, max_seq_len=N, num_q_heads=hq, head_dim=d,
-                       dtype=q.dtype, cfg=cfg, page_size=kv.shape[2], device=q.device)
+                       dtype=q.dtype, cfg=cfg, page_size=kv.shape[2], device=q.device, num_kv_heads=hkv)
     sp = SparsePrefill(cfg, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, scale=d ** -0.5,
                        thresholds=None)
     sel_heads = cfg.selection_heads(hq, hkv)

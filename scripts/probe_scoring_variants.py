@@ -22,13 +22,12 @@ temporary module (so the product kernel carries no diagnostic switches):
   a variant here until the kernel adopted it: ``scoring_probe2_h100.json``. ``flatten`` (one
   software pipeline over all key tiles) and ``n128, 2/SM`` (128-column tiles, two programs per
   SM) were variants at af47b74, both slower: ``scoring_probe7_h100.json``.)
-- ``edge-masks``: the load masks only on the tiles that need them (a second, unmasked copy of
-  the chunk loop for whole tiles), scores unchanged; ``edge-masks, TMA query``: the same with
-  the whole tiles' query through a TMA descriptor (rows S tokens apart are a 3-D box).
-  ``edge-masks, TMA query and keys``: the keys too, from a contiguous copy of the cache made in
-  the call. ``aligned, TMA query`` / ``aligned, TMA query and keys``: one unmasked chunk loop
-  with those TMA loads, exact on inputs of whole tiles only (the probe's); ``key copy alone``
-  times that copy.
+- ``masked loads only``: the real kernel with its whole-tile TMA path off (``tma=False``): every
+  tile through the masked pointer loads, as before the TMA path; ``key copy alone``: the
+  contiguous key copy that the TMA path makes first (``kernels/key_copy.py``). The variants
+  that led to the TMA path (``edge-masks``: an unmasked copy of the chunk loop for whole tiles;
+  ``, TMA query``, ``, TMA query and keys``; ``aligned, ...``: one unmasked loop) were here
+  until e3cb89a (``scoring_probe14_h100.json``).
 - ``heads-outer``: work items head by head instead of heads innermost.
 - ``paired-q`` / ``quarter-q``: query heads h and h + Hq/2 (heads Hq/4 apart) read the same
   query memory, so the resident programs hold 1/2 (1/4) as many distinct query tiles; between
@@ -61,7 +60,7 @@ from bench_common import (  # noqa: E402
 
 from scoring_ws_prototype import antidiagonal_scores_paged_ws  # noqa: E402
 
-from vllm_xattn.kernels import plan_prefill  # noqa: E402
+from vllm_xattn.kernels import copy_keys, plan_prefill  # noqa: E402
 
 SRC = Path(__file__).resolve().parents[1] / "kernels" / "scoring.py"
 DENSE = "dense FA3"
@@ -82,116 +81,7 @@ Q_MASK, K_MASK = "mask=qmask[:, None], other=0.0)", "mask=kmask[None, :], other=
 Q_BASE = "q_base = q_ptr + h.to(tl.int64) * s_qh"
 Q_LAST = (Q_MASK, Q_MASK[:-1] + ', eviction_policy="evict_last")')
 K_FIRST = (K_MASK, K_MASK[:-1] + ', eviction_policy="evict_first")')
-# The key-tile GEMM with the load masks only where a tile needs them: a second, unmasked copy of
-# the chunk loop runs the tiles whose query rows all lie in [ctx, N) for every offset t and whose
-# key columns all lie below N (all but a request's first and last query tiles and its last key
-# tile). sass_loop.py counts 165 instructions per chunk with masks and 96 in the unmasked copy at
-# S=16; at S=8 the compiler unrolls the unmasked copy's 16 chunks into one block (as it does
-# no-load-masks'), and a trip count it cannot fold (tl.minimum(S * ND, n)) kept the loop rolled
-# but made every wgmma wait for the one before (WARPGROUP.DEPBAR 0 after each HGMMA).
-_CHUNK_LOOP = _lines_between(SRC.read_text(), "acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)",
-                             "acc = tl.dot(q, k.to(q.dtype), acc, input_precision=PREC)")
-_WHOLE_Q_LOAD = "                    q = tl.load(q_rows[:, None] - t * s_qt + d[None, :] * s_qd)\n"
-_WHOLE_LOOP = (
-    "            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)\n"
-    "            if PAGE % S == 0 and not UPCAST:\n"
-    "                whole = q_whole & ((kt * BLOCK_N + BLOCK_N) * S <= n)\n"
-    "            else:\n"
-    "                whole = False\n"
-    "            if whole:\n"
-    "                for it in range(0, S * ND):\n"
-    "                    t = it // ND\n"
-    "                    d = (it % ND) * BLOCK_D + offs_d\n"
-    + _WHOLE_Q_LOAD +
-    "                    k = tl.load((k_cols + t * s_kn)[None, :] + d[:, None] * s_kd)\n"
-    "                    acc = tl.dot(q, k.to(q.dtype), acc, input_precision=PREC)\n"
-    "            else:\n"
-    + "".join("    " + line + "\n" for line in _CHUNK_LOOP.splitlines()[1:])
-)
-_ROWS = "        rows = a0 + offs_m  # absolute super-rows\n"
-_Q_WHOLE = (_ROWS, _ROWS + "        q_whole = (a0 * S >= ctx) & ((a0 + BLOCK_M) * S <= n)\n")
-# edge-masks with the whole tiles' query through TMA: q [T, Hq, D] seen as 2-D rows of S tokens
-# ([T/S, S * token stride]), so Q_t's rows of a tile, S tokens apart, are one [BLOCK_M, BLOCK_D]
-# box at column j * token stride + h * head stride + chunk. Only whole tiles use it: every row
-# of the box lies inside the request.
-_Q_TMA_LOAD = ("                    tok = q_start - ctx + a0 * S + (S - 1 - t)\n"
-               "                    q = q_desc.load([tok // S, (tok % S) * s_qt + h * s_qh + (it % ND) * BLOCK_D])\n")
-_Q_TMA_HOST = '''
-
-def _q_descriptor(q, S, block_m, block_d):
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    if q.stride(2) != 1 or q.stride(1) * q.shape[1] > q.stride(0):
-        raise ValueError("the TMA query needs q token-major with a contiguous last dimension")
-    rows = -(-q.shape[0] // S)
-    return TensorDescriptor(q, [rows, S * q.stride(0)], [S * q.stride(0), 1], [block_m, block_d])
-
-
-def antidiagonal_scores_paged('''
-# edge-masks with both operands of whole tiles through TMA: the keys from a contiguous copy of
-# the cache (every page of each block-table row, in order; k_start[r] = r * row width), seen
-# like the query as 2-D rows of S tokens. The copy runs inside the timed call: its cost counts.
-_K_TMA_LOAD = ("                    ktok = k0 + (kt * BLOCK_N) * S + t\n"
-               "                    k = k_desc.load([ktok // S, (ktok % S) * s_ft + hk * D + (it % ND) * BLOCK_D]).T\n")
-_K_WHOLE_LOAD = "                    k = tl.load((k_cols + t * s_kn)[None, :] + d[:, None] * s_kd)\n"
-_K_TMA_HOST = '''
-
-def _k_gathered(kv_cache, block_table, S, block_n, block_d):
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    r, width = block_table.shape
-    _, hkv, page, two_d = kv_cache.shape
-    d = two_d // 2
-    if (width * page) % S:
-        raise ValueError("the gathered keys need S to divide a block-table row's tokens")
-    k = kv_cache[block_table.reshape(-1).long(), :, :, :d].transpose(1, 2).reshape(r * width * page, hkv * d)
-    k_start = torch.arange(r, dtype=torch.int32, device=k.device) * (width * page)
-    desc = TensorDescriptor(k, [k.shape[0] // S, S * k.shape[1]], [S * k.shape[1], 1], [block_n, block_d])
-    return k, desc, k_start
-
-
-def antidiagonal_scores_paged('''
-
-# The substitutions that thread the TMA descriptors through: kernel parameters, launch
-# arguments, host helpers (inserted before the launcher).
-_Q_TMA_ARGS = [("    q_ptr, kv_ptr, bt_ptr,", "    q_ptr, q_desc, kv_ptr, bt_ptr,"),
-               ("        q, kv_cache, block_table, out,",
-                "        q, _q_descriptor(q, S, plan.block_m, block_d), kv_cache, block_table, out,"),
-               ("\n\ndef antidiagonal_scores_paged(", _Q_TMA_HOST)]
-_QK_TMA_ARGS = [
-    (_ROWS, _ROWS + "        k0 = tl.load(kst_ptr + r)\n"),
-    ("    q_ptr, kv_ptr, bt_ptr,", "    q_ptr, q_desc, k_desc, kst_ptr, s_ft, kv_ptr, bt_ptr,"),
-    ("        q, kv_cache, block_table, out,",
-     "        q, _q_descriptor(q, S, plan.block_m, block_d), kdesc, kstart, kflat.stride(0),"
-     " kv_cache, block_table, out,"),
-    ("    out, scr_p, scr_m, queue = scoring_buffers(",
-     "    kflat, kdesc, kstart = _k_gathered(kv_cache, block_table, S, plan.block_n, block_d)\n"
-     "    out, scr_p, scr_m, queue = scoring_buffers("),
-    ("\n\ndef antidiagonal_scores_paged(", _Q_TMA_HOST.replace("\n\ndef antidiagonal_scores_paged(", "") + _K_TMA_HOST)]
-# One chunk loop without any masks, both operands (or the query alone) through TMA: exact only on
-# inputs of whole tiles (no context, N a multiple of S times the tile sizes, as the probe's 32K /
-# 128K single requests are; the GPU run checks the scores first). It shows what the TMA feed is
-# worth without the second loop, whose own 4-stage load ring the edge-masks TMA variants need
-# (two rings of 192 KB exceed shared memory).
-_ALIGNED_LOOP = (
-    "            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)\n"
-    "            for it in range(0, S * ND):\n"
-    "                t = it // ND\n"
-    "                d = (it % ND) * BLOCK_D + offs_d\n"
-    + _Q_TMA_LOAD.replace(" " * 20, " " * 16) + _K_WHOLE_LOAD[4:] +
-    "                acc = tl.dot(q, k.to(q.dtype), acc, input_precision=PREC)\n")
-
 VARIANTS = {
-    "edge-masks": [(_CHUNK_LOOP, _WHOLE_LOOP), _Q_WHOLE],
-    "edge-masks, TMA query": [
-        (_CHUNK_LOOP, _WHOLE_LOOP.replace(_WHOLE_Q_LOAD, _Q_TMA_LOAD)), _Q_WHOLE, *_Q_TMA_ARGS],
-    "edge-masks, TMA query and keys": [
-        (_CHUNK_LOOP, _WHOLE_LOOP.replace(_WHOLE_Q_LOAD, _Q_TMA_LOAD).replace(_K_WHOLE_LOAD, _K_TMA_LOAD)),
-        _Q_WHOLE, *_QK_TMA_ARGS],
-    "aligned, TMA query": [(_CHUNK_LOOP, _ALIGNED_LOOP), *_Q_TMA_ARGS],
-    "aligned, TMA query and keys": [
-        (_CHUNK_LOOP, _ALIGNED_LOOP.replace(_K_WHOLE_LOAD[4:], _K_TMA_LOAD.replace(" " * 20, " " * 16))),
-        *_QK_TMA_ARGS],
     "no-epilogue": [(EPILOGUE, NO_EPILOGUE)],
     "no-load-masks": [(Q_MASK, ")"), (K_MASK, ")")],
     "q-evict-last": [Q_LAST],
@@ -213,7 +103,7 @@ VARIANTS = {
 
 
 def load_variant(name: str, source: Path = SRC):
-    src = source.read_text().replace("from .plan import XAttnPlan", "from vllm_xattn.kernels.plan import XAttnPlan")
+    src = source.read_text().replace("from .", "from vllm_xattn.kernels.")
     for old, new in VARIANTS[name] if source == SRC else []:  # a name typo fails here
         assert old in src, (name, old[:60])
         src = src.replace(old, new, 1)
@@ -274,13 +164,11 @@ def main():
             cases["ws-prototype, no epilogue"] = lambda: antidiagonal_scores_paged_ws(q, kv, bt, plan, epilogue=False)
             plan64 = plan_prefill(cu_q, sl, block_size=128, stride=S, block_m=64).to("cuda")
             cases["head-major-q, block_m 64"] = lambda: scoring.antidiagonal_scores_paged(q_hm, kv, bt, plan64)
-            # the contiguous key copy that the TMA-keys variants make inside their call, alone
-            gather = mods["aligned, TMA query and keys"]._k_gathered
-            cases["key copy alone"] = lambda: gather(kv, bt, S, plan.block_n, 64)
+            cases["masked loads only"] = lambda: scoring.antidiagonal_scores_paged(q, kv, bt, plan, tma=False)
+            cases["key copy alone"] = lambda: copy_keys(kv, bt, plan)
             want = scoring.antidiagonal_scores_paged(q, kv, bt, plan)
-            for name in ("head-major-q", "baseline", "ws-prototype", "heads-outer", "edge-masks",
-                         "edge-masks, TMA query", "edge-masks, TMA query and keys", "aligned, TMA query",
-                         "aligned, TMA query and keys", "no-load-masks"):
+            for name in ("head-major-q", "baseline", "ws-prototype", "heads-outer", "no-load-masks",
+                         "masked loads only"):
                 if name in cases and (not args.only or name in args.only):
                     assert torch.allclose(cases[name](), want, rtol=1e-4, atol=1e-6), name
             cases = {k: f for k, f in cases.items() if not args.only or k in args.only}

@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # The scoring kernels' pointer parameters (the Triton kernel's and the Gluon prototype's), and the
 # strides that are multiples of 16 as serving launches see them (Triton specialises on that).
 SCORE_POINTERS = {"q_ptr": "*bf16", "kv_ptr": "*bf16", "bt_ptr": "*i32", "a_ptr": "*fp32", "scr_p_ptr": "*fp32",
-                  "scr_m_ptr": "*fp32", "tiles_ptr": "*i32", "req_ptr": "*i32", "queue_ptr": "*i32"}
+                  "scr_m_ptr": "*fp32", "tiles_ptr": "*i32", "req_ptr": "*i32", "koff_ptr": "*i32",
+                  "queue_ptr": "*i32"}
 SCORE_ALIGNED = ("s_qt", "s_qh", "s_kp", "s_kh", "s_kn", "s_ah", "s_ar")
 _INSTR = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
 
@@ -47,7 +48,8 @@ def sm90_signature(fn, consts: dict, pointers: dict = SCORE_POINTERS, aligned=SC
 
 
 def _sass(fn, pointers: dict, aligned, consts: dict, num_warps: int, num_stages: int,
-          types: dict | None = None) -> str:
+          types: dict | None = None, shared: list | None = None) -> str:
+    """The SASS of ``fn`` compiled for sm_90a; its shared memory in bytes is appended to ``shared``."""
     import triton
     import triton.backends.nvidia
     from triton.backends.compiler import GPUTarget
@@ -56,6 +58,8 @@ def _sass(fn, pointers: dict, aligned, consts: dict, num_warps: int, num_stages:
     sig, attrs = sm90_signature(fn, consts, pointers, aligned, types)
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+    if shared is not None:
+        shared.append(k.metadata.shared)
     nvdisasm = Path(triton.backends.nvidia.__path__[0]) / "bin" / "nvdisasm"
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
@@ -63,13 +67,29 @@ def _sass(fn, pointers: dict, aligned, consts: dict, num_warps: int, num_stages:
         return subprocess.run([str(nvdisasm), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
 
 
-def mma_loop(sass: str) -> dict:
-    """The innermost loop around the first HGMMA: of the labels before it that a branch after it
-    jumps back to, the one whose back branch comes first (an mbarrier wait's retry block at the
-    end of the kernel also jumps back into a TMA loop, from far away). Counts its instructions
-    and opcodes (predication stripped)."""
+def mma_loops(sass: str) -> list[dict]:
+    """``mma_loop`` of every distinct innermost loop that holds HGMMA instructions, in code order
+    (the scoring kernel has two: the whole tiles' TMA loop and the edge tiles' masked one)."""
     lines = sass.splitlines()
-    first = next(i for i, line in enumerate(lines) if "HGMMA" in line)
+    loops, end = [], -1
+    for i, line in enumerate(lines):
+        if "HGMMA" in line and i > end:
+            loop = mma_loop(sass, i)
+            loops.append(loop)
+            end = loop.pop("end")
+    return loops
+
+
+def mma_loop(sass: str, first: int | None = None) -> dict:
+    """The innermost loop around the first HGMMA (or the one on line ``first``): of the labels
+    before it that a branch after it jumps back to, the one whose back branch comes first (an
+    mbarrier wait's retry block at the end of the kernel also jumps back into a TMA loop, from
+    far away). Counts its instructions and opcodes (predication stripped); with ``first`` given,
+    also its last line (``end``)."""
+    lines = sass.splitlines()
+    given = first is not None
+    if not given:
+        first = next(i for i, line in enumerate(lines) if "HGMMA" in line)
     loops = []  # (back branch, label line)
     for lab in range(first, -1, -1):
         m = re.match(r"^(\.L_x_\d+):", lines[lab])
@@ -82,11 +102,17 @@ def mma_loop(sass: str) -> dict:
     back, lab = min(loops, key=lambda x: (x[0], -x[1]))
     body = [_INSTR.search(line) for line in lines[lab:back + 1]]
     ops = Counter(x[2] for x in body if x)
-    return dict(instructions=sum(ops.values()), hgmma=ops["HGMMA"], ldgsts=ops["LDGSTS"],
-                opcodes=dict(ops.most_common()))
+    rec = dict(instructions=sum(ops.values()), hgmma=ops["HGMMA"], ldgsts=ops["LDGSTS"],
+               tma=ops["UTMALDG"], opcodes=dict(ops.most_common()))
+    return {**rec, "end": back} if given else rec
 
 
-def scoring_loop(stride: int, variant: str | None = None, head_dim: int = 128) -> dict:
+def scoring_loop(stride: int, variant: str | None = None, head_dim: int = 128) -> list[dict]:
+    """The scoring kernel's (or a probe variant's) MMA loops at the default tile, and its shared
+    memory, compiled for sm_90a as serving launches it."""
+    import torch
+    from triton.runtime.jit import mangle_type
+
     from vllm_xattn.kernels import scoring
 
     if variant:
@@ -97,15 +123,20 @@ def scoring_loop(stride: int, variant: str | None = None, head_dim: int = 128) -
     consts = dict(S=stride, D=head_dim, BLOCK_D=64, B=128, PAGE=16, BLOCK_M=128, BLOCK_N=256, PREC="tf32",
                   UPCAST=False, s_qd=1, s_kd=1)  # unit strides are specialised at launch
     types = {}
-    if "q_desc" in inspect.signature(mod._score_kernel.fn).parameters:  # a TMA-query probe variant
-        import torch
-        from triton.runtime.jit import mangle_type
-
+    params = inspect.signature(mod._score_kernel.fn).parameters
+    if "TMA" in params:  # the whole tiles' descriptors: the query and the key copy as rows of S tokens
+        consts["TMA"] = True
         q = torch.empty(64, 32, head_dim, dtype=torch.bfloat16)
-        types["q_desc"] = mangle_type(mod._q_descriptor(q, stride, 128, 64))
+        k = torch.empty(64, 8 * head_dim, dtype=torch.bfloat16)
+        types["q_desc"] = mangle_type(scoring._rows_of_s_tokens(q, q.stride(0), stride, 128, 64))
+        types["k_desc"] = mangle_type(scoring._rows_of_s_tokens(k, k.stride(0), stride, 256, 64))
+    shared = []
     sass = _sass(mod._score_kernel, SCORE_POINTERS, SCORE_ALIGNED, consts, num_warps=8, num_stages=4,
-                 types=types)
-    return dict(kernel=f"scoring{', ' + variant if variant else ''}", stride=stride, **mma_loop(sass))
+                 types=types, shared=shared)
+    loops = mma_loops(sass)
+    names = ["whole tiles", "edge tiles"] if len(loops) == 2 else [None] * len(loops)
+    return [dict(kernel=f"scoring{', ' + variant if variant else ''}{', ' + nm if nm else ''}", stride=stride,
+                 shared_bytes=shared[0], **loop) for nm, loop in zip(names, loops)]
 
 
 def gemm_loop() -> dict:
@@ -123,7 +154,7 @@ def main():
     ap.add_argument("--variants", nargs="*", default=[], help="probe_scoring_variants.py variants too")
     ap.add_argument("--out", type=Path, help="also write the records here (benchmarks/results/...)")
     args = ap.parse_args()
-    records = [gemm_loop()] + [scoring_loop(s, v) for s in args.strides for v in [None, *args.variants]]
+    records = [gemm_loop()] + [rec for s in args.strides for v in [None, *args.variants] for rec in scoring_loop(s, v)]
     for rec in records:
         print(json.dumps(rec))
     if args.out:

@@ -1,0 +1,133 @@
+"""Scoring's whole-tile TMA path: the plan's key-copy offsets, the key copy kernel, and scores
+through TMA equal to the masked loads' and the reference's (CPU under TRITON_INTERPRET=1; the
+``gpu`` tests in bf16 on the H100, where the TMA path runs in serving)."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from tests.test_kernels_interpret import DEVICES, make_problem, ref_scores  # noqa: E402
+from vllm_xattn.kernels import (  # noqa: E402
+    antidiagonal_scores_paged,
+    copy_keys,
+    key_copy_capacity,
+    key_copy_rows,
+    plan_prefill,
+    tma_device,
+    unpack_scores,
+)
+from vllm_xattn.kernels import scoring  # noqa: E402
+from vllm_xattn.kernels.scoring import tma_supported  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+
+
+def test_plan_copies_the_longest_requests_with_whole_tiles_within_capacity():
+    # B 64, S 4: 16 super-rows per block, tiles of 16 rows = one block. Request 0: 300 query
+    # tokens after 100 of context (blocks 1..6; whole tiles: blocks 2..5 -> 4); request 1: 64
+    # tokens, one whole tile; request 2: a 10-token chunk, none.
+    kw = dict(block_size=64, stride=4, block_m=16, block_n=16)
+    cu, lens = [0, 300, 364, 374], [400, 64, 5000]
+    plan = plan_prefill(cu, lens, **kw)
+    assert plan.key_offset.tolist() == [0, 400, -1] and plan.key_copy_rows == 464
+    # longest first within the capacity: request 0 (400 keys) fits, then request 1 does not
+    plan = plan_prefill(cu, lens, key_copy_capacity=420, **kw)
+    assert plan.key_offset.tolist() == [0, -1, -1] and plan.key_copy_rows == 400
+    plan = plan_prefill(cu, lens, key_copy_min_tiles=2, **kw)
+    assert plan.key_offset.tolist() == [0, -1, -1]
+    plan = plan_prefill(cu, lens, key_copy_capacity=300, **kw)
+    assert plan.key_offset.tolist() == [-1, 0, -1] and plan.key_copy_rows == 64
+    assert key_copy_rows(plan) == 64 and key_copy_capacity(1000) == 1024
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_copy_keys_gathers_each_copied_request_from_its_pages(device):
+    case = ([(70, 200), (130, 130), (33, 300)], 4, 2, 16, 64, 4, 16, 16, 16)
+    p = make_problem(case, device)
+    plan = plan_prefill(p["cu_q"], [200, 130, 300], block_size=64, stride=4, block_m=16, block_n=16,
+                        key_copy_capacity=520, key_copy_min_tiles=0).to(device)
+    offsets = plan.key_offset.tolist()
+    assert offsets == [300, -1, 0]  # request 1 (130) no longer fits after 300 + 200
+    out = torch.full((key_copy_rows(plan) + 32, 2 * 16), -7.0, device=device)
+    copy_keys(p["kv"], p["bt"], plan, out=out)
+    k = p["k"].reshape(p["k"].shape[0], -1)
+    cu_k = p["cu_k"].tolist()
+    for r, off in enumerate(offsets):
+        if off >= 0:
+            n = cu_k[r + 1] - cu_k[r]
+            torch.testing.assert_close(out[off : off + n].cpu(), k[cu_k[r] : cu_k[r + 1]], rtol=0, atol=0)
+    assert (out[500:].cpu() == -7).all()  # rows past the copied requests untouched
+
+
+def test_copy_keys_rejects_a_buffer_of_the_wrong_shape():
+    p = make_problem(([(64, 64)], 2, 1, 16, 64, 4, 16, 16, 16), "cpu")
+    with pytest.raises(ValueError, match="key copy must be contiguous"):
+        copy_keys(p["kv"], p["bt"], p["plan"], out=torch.empty(8, 16))
+
+
+def _tma_case(device):
+    """Context before the queries, partial first / last blocks, several requests, GQA: whole
+    tiles through TMA and edge tiles through the masked loads in one launch."""
+    if device == "cpu":
+        return ([(1000, 1600), (512, 512), (300, 1100), (20, 700)], 4, 2, 16, 64, 4, 16, 16, 32)
+    return ([(5000, 7000), (4096, 4096), (700, 9000), (3000, 3001)], 8, 2, 128, 128, 8, 16, 128, 256)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_whole_tiles_through_tma_match_the_masked_loads_and_the_reference(device):
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    p = make_problem(_tma_case(device), device, dtype=dtype, qscale=1.0)
+    q = p["q"].to(device)
+    offsets = p["plan"].key_offset.tolist()
+    assert tma_supported(q, p["kv"]) and sum(o >= 0 for o in offsets) >= 2 and min(offsets) == -1
+    got = antidiagonal_scores_paged(q, p["kv"], p["bt"], p["plan"])
+    masked = antidiagonal_scores_paged(q, p["kv"], p["bt"], p["plan"], tma=False)
+    torch.testing.assert_close(got, masked, rtol=1e-5, atol=1e-7)
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-3, atol=1e-4)
+    for a, r in zip(unpack_scores(got.cpu(), p["plan"]), ref_scores(p)):
+        torch.testing.assert_close(a, r, **tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_whole_tiles_read_the_key_copy(device, monkeypatch):
+    """The TMA path really runs: with a key copy of zeros the whole tiles' scores change (all
+    their products are 0), the edge tiles' do not."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    p = make_problem(_tma_case(device), device, dtype=dtype, qscale=1.0)
+    q = p["q"].to(device)
+    want = antidiagonal_scores_paged(q, p["kv"], p["bt"], p["plan"])
+    real_copy = scoring.copy_keys
+    monkeypatch.setattr(scoring, "copy_keys", lambda *a, **kw: real_copy(*a, **kw).zero_())
+    got = antidiagonal_scores_paged(q, p["kv"], p["bt"], p["plan"])
+    assert not torch.allclose(got, want)
+
+
+def test_tma_needs_a_token_major_aligned_query():
+    p = make_problem(([(64, 64)], 2, 1, 16, 64, 4, 16, 16, 16), "cpu")
+    q, kv = p["q"], p["kv"]
+    assert tma_supported(q, kv) == tma_device(q.device, q.dtype)
+    assert not tma_supported(q.transpose(0, 1).contiguous().transpose(0, 1), kv)  # head-major
+    assert not tma_supported(torch.empty(65 * 32 + 1)[1:].view(65, 2, 16)[:64], kv)  # base off by 4 bytes
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pool_scores_from_the_cache_when_a_plan_exceeds_its_key_copy(device):
+    from vllm_xattn.backends.sparse_prefill import ScratchPool
+    from vllm_xattn.config import XAttnConfig
+
+    pool = ScratchPool(max_tokens=256, max_reqs=2, max_seq_len=300, num_q_heads=2, head_dim=16,
+                       dtype=torch.float32, cfg=XAttnConfig(block_size=64, stride=4), page_size=16,
+                       device=device, num_kv_heads=1)
+    if not tma_device(device, torch.float32):
+        assert pool.keys is None
+        return
+    assert tuple(pool.keys.shape) == (320, 16)
+    plan = plan_prefill([0, 128, 256], [300, 300], block_size=64, stride=4, block_m=16, block_n=16)
+    assert plan.key_copy_rows == 600 and not pool.key_copy_fits(plan)
+    plan = plan_prefill([0, 128, 256], [300, 300], block_size=64, stride=4, block_m=16, block_n=16,
+                        key_copy_capacity=pool.keys.shape[0])
+    assert plan.key_copy_rows == 300 and pool.key_copy_fits(plan)
