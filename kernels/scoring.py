@@ -20,12 +20,14 @@ at a request's edges keep the masked loads from the paged cache.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import _allocation
 
 from .key_copy import copy_keys, tma_device
 from .plan import XAttnPlan
@@ -62,18 +64,18 @@ def _masked_tile_gemm(acc, q_rows, k_cols, k_base, bt_row, rows, cols, ctx, n, o
     return acc
 
 
-# Per-step ints (work count, key-tile bound) are not specialised on, so a new batch shape
+# Per-step ints (work count, key-tile bound, descriptor rows) are not specialised on, so a new batch shape
 # never triggers a recompile mid-serving; nor is the block table's row stride (vLLM's table
 # width), so the warm-up's own table compiles the same kernel (backends/warmup.py).
-@triton.jit(do_not_specialize=["n_work", "max_kt", "s_bt"])
+@triton.jit(do_not_specialize=["n_work", "max_kt", "s_bt", "q_rows_s", "k_rows_s"])
 def _score_kernel(
-    q_ptr, q_desc, kv_ptr, k_desc, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_ptr, koff_ptr, queue_ptr,
+    q_ptr, kv_ptr, kc_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_ptr, koff_ptr, queue_ptr,
     n_work, num_q_heads, group,
     s_qt, s_qh, s_qd,
     s_kp, s_kh, s_kn, s_kd,
     s_bt,
     s_ah, s_ar,
-    max_kt, qk_scale,
+    max_kt, qk_scale, q_rows_s, k_rows_s,
     S: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, B: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
     TMA: tl.constexpr,
@@ -91,6 +93,17 @@ def _score_kernel(
     scr_p = scr_p_ptr + pid.to(tl.int64) * max_kt * (BLOCK_M * NB_T)
     scr_m = scr_m_ptr + pid.to(tl.int64) * max_kt * BLOCK_M
     p_offs = offs_m[:, None] * NB_T + offs_nb[None, :]
+    if TMA:
+        # The query and the key copy seen as 2-D rows of S tokens: box [rows, BLOCK_D] at
+        # (token // S, (token % S) * token stride + column). Made on the device: host-made
+        # descriptors cost ~0.15 ms more per launch on the H100 (Triton 3.6,
+        # benchmarks/results/logs/scoring_host_diag_0844324.log). The last row may reach past
+        # the tensor; only whole tiles read through them, and all their tokens lie inside.
+        kv_row = (num_q_heads // group) * D  # a token's row in the key copy
+        q_desc = tl.make_tensor_descriptor(q_ptr, shape=[q_rows_s, S * s_qt], strides=[S * s_qt, 1],
+                                           block_shape=[BLOCK_M, BLOCK_D])
+        k_desc = tl.make_tensor_descriptor(kc_ptr, shape=[k_rows_s, S * kv_row], strides=[S * kv_row, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
 
     # Work items come longest first from a shared counter: a program takes the next one when
     # it finishes its last, so the makespan stays near the mean (a static round-robin split
@@ -112,7 +125,6 @@ def _score_kernel(
             k0 = tl.load(koff_ptr + r)  # the request's first row in the key copy; -1: not copied
             q_whole = (k0 >= 0) & (a0 * S >= ctx) & ((a0 + BLOCK_M) * S <= n)
             q_tok = q_start - ctx + a0 * S + (S - 1)  # token of Q_0's first row
-            kv_row = (num_q_heads // group) * D  # a token's row in the key copy
         a_last = (n - 1) // S
         n_kt = tl.minimum(a0 + BLOCK_M - 1, a_last) // BLOCK_N + 1
         q_base = q_ptr + h.to(tl.int64) * s_qh
@@ -317,28 +329,28 @@ def antidiagonal_scores_paged(
     out, scr_p, scr_m, queue = scoring_buffers(plan, hq, nprog, q.device, out, workspace)
     if tma is None:
         tma = tma_supported(q, kv_cache)
-    q_desc = k_desc = None
     if tma:
         key_copy = copy_keys(kv_cache, block_table, plan, out=key_copy)
-        q_desc = _rows_of_s_tokens(q, q.stride(0), S, plan.block_m, block_d)
-        k_desc = _rows_of_s_tokens(key_copy, key_copy.stride(0), S, plan.block_n, block_d)
+    else:
+        key_copy = q  # unused
     kw = {"num_warps": num_warps or _default_warps(plan.block_m * plan.block_n),
           "num_stages": num_stages or _default_stages(plan.block_m, plan.block_n, block_d, q.element_size())}
-    _score_kernel[(nprog,)](
-        q, q_desc, kv_cache, k_desc, block_table, out, scr_p, scr_m, plan.tiles, plan.req_meta,
-        plan.key_offset, queue,
-        n_work, hq, hq // hkv,
-        q.stride(0), q.stride(1), q.stride(2),
-        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
-        block_table.stride(0),
-        out.stride(0), out.stride(1),
-        plan.max_key_tiles, scoring_qk_scale(d, S),
-        S=S, D=d, BLOCK_D=block_d, B=B, PAGE=page,
-        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
-        PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST=os.environ.get("TRITON_INTERPRET") == "1" and q.dtype == torch.bfloat16,
-        TMA=tma, **kw,
-    )
+    with _descriptor_scratch(q.device):
+        _score_kernel[(nprog,)](
+            q, kv_cache, key_copy, block_table, out, scr_p, scr_m, plan.tiles, plan.req_meta,
+            plan.key_offset, queue,
+            n_work, hq, hq // hkv,
+            q.stride(0), q.stride(1), q.stride(2),
+            kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+            block_table.stride(0),
+            out.stride(0), out.stride(1),
+            plan.max_key_tiles, scoring_qk_scale(d, S), -(-q.shape[0] // S), -(-key_copy.shape[0] // S),
+            S=S, D=d, BLOCK_D=block_d, B=B, PAGE=page,
+            BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
+            PREC="ieee" if q.dtype == torch.float32 else "tf32",
+            UPCAST=os.environ.get("TRITON_INTERPRET") == "1" and q.dtype == torch.bfloat16,
+            TMA=tma, **kw,
+        )
     return out
 
 
@@ -354,15 +366,25 @@ def tma_supported(q: Tensor, kv_cache: Tensor) -> bool:
     return kv_cache.dtype == q.dtype and tma_device(q.device, q.dtype)
 
 
-def _rows_of_s_tokens(x: Tensor, token_stride: int, S: int, block_rows: int, block_d: int):
-    """TMA descriptor of token-major ``x`` (tokens along dim 0, unit last stride) seen as 2-D rows
-    of S tokens: box [block_rows, block_d] at (token // S, (token % S) * token_stride + column).
-    The last row may reach past ``x``: only whole tiles read through it, and all their tokens lie
-    in ``x``."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
+_DESC_SCRATCH: dict = {}
 
-    rows = -(-x.shape[0] // S)
-    return TensorDescriptor(x, [rows, S * token_stride], [S * token_stride, 1], [block_rows, block_d])
+
+@contextlib.contextmanager
+def _descriptor_scratch(device):
+    """Triton's allocator for the kernel's device-made TMA descriptors (128 bytes each per
+    program), set for one launch and then restored: a buffer kept per device, so a launch
+    allocates nothing."""
+    def alloc(size: int, alignment: int, stream):
+        buf = _DESC_SCRATCH.get(device)
+        if buf is None or buf.numel() < size + alignment:
+            buf = _DESC_SCRATCH[device] = torch.empty(2 * (size + alignment), dtype=torch.int8, device=device)
+        return buf[-buf.data_ptr() % alignment:]
+
+    token = _allocation._allocator.set(alloc)
+    try:
+        yield
+    finally:
+        _allocation._allocator.reset(token)
 
 
 def unpack_scores(a_packed: Tensor, plan: XAttnPlan) -> list[Tensor]:

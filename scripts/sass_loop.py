@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # The scoring kernels' pointer parameters (the Triton kernel's and the Gluon prototype's), and the
 # strides that are multiples of 16 as serving launches see them (Triton specialises on that).
-SCORE_POINTERS = {"q_ptr": "*bf16", "kv_ptr": "*bf16", "bt_ptr": "*i32", "a_ptr": "*fp32", "scr_p_ptr": "*fp32",
+SCORE_POINTERS = {"q_ptr": "*bf16", "kv_ptr": "*bf16", "kc_ptr": "*bf16", "bt_ptr": "*i32", "a_ptr": "*fp32", "scr_p_ptr": "*fp32",
                   "scr_m_ptr": "*fp32", "tiles_ptr": "*i32", "req_ptr": "*i32", "koff_ptr": "*i32",
                   "queue_ptr": "*i32"}
 SCORE_ALIGNED = ("s_qt", "s_qh", "s_kp", "s_kh", "s_kn", "s_ah", "s_ar")
@@ -110,9 +110,6 @@ def mma_loop(sass: str, first: int | None = None) -> dict:
 def scoring_loop(stride: int, variant: str | None = None, head_dim: int = 128) -> list[dict]:
     """The scoring kernel's (or a probe variant's) MMA loops at the default tile, and its shared
     memory, compiled for sm_90a as serving launches it."""
-    import torch
-    from triton.runtime.jit import mangle_type
-
     from vllm_xattn.kernels import scoring
 
     if variant:
@@ -123,13 +120,8 @@ def scoring_loop(stride: int, variant: str | None = None, head_dim: int = 128) -
     consts = dict(S=stride, D=head_dim, BLOCK_D=64, B=128, PAGE=16, BLOCK_M=128, BLOCK_N=256, PREC="tf32",
                   UPCAST=False, s_qd=1, s_kd=1)  # unit strides are specialised at launch
     types = {}
-    params = inspect.signature(mod._score_kernel.fn).parameters
-    if "TMA" in params:  # the whole tiles' descriptors: the query and the key copy as rows of S tokens
-        consts["TMA"] = True
-        q = torch.empty(64, 32, head_dim, dtype=torch.bfloat16)
-        k = torch.empty(64, 8 * head_dim, dtype=torch.bfloat16)
-        types["q_desc"] = mangle_type(scoring._rows_of_s_tokens(q, q.stride(0), stride, 128, 64))
-        types["k_desc"] = mangle_type(scoring._rows_of_s_tokens(k, k.stride(0), stride, 256, 64))
+    if "TMA" in inspect.signature(mod._score_kernel.fn).parameters:
+        consts["TMA"] = True  # the whole tiles' TMA path (descriptors made on the device)
     shared = []
     sass = _sass(mod._score_kernel, SCORE_POINTERS, SCORE_ALIGNED, consts, num_warps=8, num_stages=4,
                  types=types, shared=shared)
