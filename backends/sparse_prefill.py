@@ -206,6 +206,14 @@ class SparsePrefill:
         self.hq, self.hkv, self.d, self.scale = num_q_heads, num_kv_heads, head_dim, scale
         self.thresholds = thresholds  # [Hq] float32 on the device, or None (cfg.threshold)
 
+    @staticmethod
+    def _tma(q, kv_cache, plan: XAttnPlan, pool: ScratchPool, tma: bool | None) -> bool:
+        """Scoring through TMA: only with the pool's key copy, and by default only in steps that
+        copy keys (a launch without copies would only add the copy kernel's host time)."""
+        if not tma_supported(q, kv_cache) or not pool.key_copy_fits(plan):
+            return False
+        return plan.key_copy_rows > 0 if tma is None else tma
+
     def _tau(self, device) -> torch.Tensor:
         if self.thresholds is None:  # made once, not in every forward
             self.thresholds = torch.full((self.hq,), self.cfg.threshold, dtype=torch.float32,
@@ -213,9 +221,11 @@ class SparsePrefill:
         return self.thresholds
 
     def run(self, query: torch.Tensor, kv_cache: torch.Tensor, step: SparseStep,
-            output: torch.Tensor, pool: ScratchPool) -> torch.Tensor:
+            output: torch.Tensor, pool: ScratchPool, tma: bool | None = None) -> torch.Tensor:
         """Attention of ``query[tok_start:tok_end]`` into ``output`` rows; returns the selection
-        counts, int32 [Hq, packed query blocks] on the device (``.sum()``: selected blocks)."""
+        counts, int32 [Hq, packed query blocks] on the device (``.sum()``: selected blocks).
+        ``tma``: scoring's whole-tile TMA path (default: when the step copies keys, see
+        ``key_copy_min_len``; the warm-up forces it to compile it)."""
         cfg, plan = self.cfg, step.plan
         if step.executor is None:
             raise RuntimeError("XATTN: this step has no sparse executor (see the layer's dense reasons)")
@@ -225,7 +235,7 @@ class SparsePrefill:
         scores = pool.scores[:, : plan.total_q_blocks, : plan.max_kb]
         a = antidiagonal_scores_paged(q, kv_cache, step.block_table, plan, out=scores,
                                       workspace=pool.workspace, num_programs=pool.num_programs,
-                                      key_copy=pool.keys, tma=pool.key_copy_fits(plan) and tma_supported(q, kv_cache))
+                                      key_copy=pool.keys, tma=self._tma(q, kv_cache, plan, pool, tma))
         counts, ids = select_blocks_packed(
             a, plan, mode=cfg.selection,
             threshold=self._tau(q.device),

@@ -7,7 +7,9 @@ kernels vary in only two of them:
 - scoring's tile height ``BLOCK_M``: 128 super-rows, halved (down to 16, and at least B/S)
   in steps too small to give every SM a work item (``plan.min_scoring_tiles``);
 - selection's ``BLOCK_K``: the next power of two of the step's key blocks, which grows with
-  the longest sequence in the step, from ``min_sparse_tokens`` to ``max_model_len``.
+  the longest sequence in the step, from ``min_sparse_tokens`` to ``max_model_len``;
+- scoring's ``TMA``: on in steps that copy keys for its whole tiles (``key_copy_min_len``), off
+  in the others.
 
 Everything else they specialise on is fixed for the engine (head counts and size, page size,
 the scratch pool's strides, the classes of the cache and query strides); per-step ints are
@@ -82,7 +84,10 @@ def warm_up_sparse_path(sparse, pool, query: torch.Tensor, *, executor, page_siz
         step = SparseStep.from_host_plan(plan, block_table=block_table, tok_start=0, tok_end=B,
                                          selection_heads=selection_heads, device=query.device,
                                          executor=executor)
-        sparse.run(q, kv, step, out, pool)
+        # Scoring compiles apart with and without its TMA path (steps that copy keys take it);
+        # these chunks copy none, so both are asked for.
+        for tma in (True, False) if pool.keys is not None else (False,):
+            sparse.run(q, kv, step, out, pool, tma=tma)
     torch.cuda.synchronize(query.device)
     logger.info("XATTN: compiled and ran the sparse path's kernels for %d warm-up shapes in %.1f s",
                 len(shapes), time.perf_counter() - t0)

@@ -32,7 +32,7 @@ from vllm_xattn.backends.sparse_prefill import (
 )
 from vllm_xattn.backends.warmup import warm_up_sparse_path
 from vllm_xattn.config import XAttnConfig, load_threshold_table, xattn_config_from_vllm
-from vllm_xattn.kernels import key_copy_capacity, min_scoring_tiles
+from vllm_xattn.kernels import key_copy_capacity, key_copy_min_len, min_scoring_tiles
 
 # Under the "vllm" logger so messages use vLLM's handlers and log level.
 logger = init_logger("vllm.xattn")
@@ -126,12 +126,11 @@ class XAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
         sms = (torch.cuda.get_device_properties(device).multi_processor_count
                if torch.device(device).type == "cuda" else 0)
         self._min_tiles = min_scoring_tiles(sms, self.num_heads_q) if sms else 0
-        # Scoring copies a request's keys for its TMA loads (kernels/key_copy.py) when enough of
-        # its work is whole tiles to pay for the copy: one read and write of the keys (4 KB per
-        # token on the Llama layer) against ~16 % of each whole tile's GEMM, which breaks even
-        # near 13 / (query heads per KV head) whole tiles (H100, scoring_probe14_h100.json).
-        self._key_copy = dict(key_copy_capacity=key_copy_capacity(vllm_config.model_config.max_model_len),
-                              key_copy_min_tiles=-(-16 // (self.num_heads_q // self.num_heads_kv)))
+        # Scoring copies a request's keys for its TMA loads (kernels/key_copy.py) from the length
+        # where that saves GPU time, within room for one max_model_len request.
+        self._key_copy = dict(
+            key_copy_capacity=key_copy_capacity(vllm_config.model_config.max_model_len),
+            key_copy_min_len=key_copy_min_len(self.xattn.stride, self.num_heads_q, self.num_heads_kv))
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> FlashAttentionMetadata:

@@ -8,7 +8,7 @@ keys of the plan's long requests contiguously, ``copy_keys``, for its TMA loads)
 ``build_page_csr(...)`` (CSR, FlashInfer) -> executor over ``folded_kv_views(kv_cache)``. No host synchronisation after the plan.
 """
 
-from .key_copy import copy_keys, key_copy_capacity, key_copy_rows, tma_device
+from .key_copy import copy_keys, key_copy_capacity, key_copy_min_len, key_copy_rows, tma_device
 from .layout import copy_tokens_heads
 from .page_lists import PageCSR, PageLists, build_page_csr, build_page_lists
 from .paged import folded_kv_views, make_paged_cache, split_kv
@@ -27,6 +27,7 @@ __all__ = [
     "copy_tokens_heads",
     "folded_kv_views",
     "key_copy_capacity",
+    "key_copy_min_len",
     "key_copy_rows",
     "make_paged_cache",
     "masks_from_selection",

@@ -3,12 +3,14 @@
 The scoring kernel reads, for one offset t of a super-token, keys S tokens apart. In vLLM's
 paged cache (16-token pages) those lie one or two per page, so a key tile is no TMA box; in a
 token-major copy ``[rows, Hkv * D]`` it is one box of the copy seen as 2-D rows of S tokens.
-Copying costs one read and one write of the keys per layer (about 0.05 ms at 32K tokens on the
-Llama layer, against 1.4 ms of scoring at S=8) and lets the whole tiles' GEMM run 16-18 %
-faster (``benchmarks/results/scoring_probe14_h100.json``).
+Copying costs one read and one write of the keys per layer (0.05 ms at 32K tokens on the Llama
+layer, 0.19 ms at 128K) and lets the whole tiles' GEMM run 6-14 % faster (S=16 / S=8), so it
+pays from a length that ``key_copy_min_len`` gives (``benchmarks/results/scoring_probe15_h100.json``,
+``scoring_launch_overhead_h100.json``).
 
 Which requests are copied, and where, is decided on the host with the plan
-(``plan_prefill``'s ``key_copy_capacity`` / ``key_copy_min_tiles``): ``plan.key_offset[r]`` is
+(``plan_prefill``'s ``key_copy_capacity``, ``key_copy_min_tiles``, ``key_copy_min_len``):
+``plan.key_offset[r]`` is
 request r's first row, -1 where its keys are not copied (its tiles then all take the masked
 loads from the cache).
 """
@@ -45,6 +47,20 @@ def _copy_keys_kernel(kv_ptr, bt_ptr, req_ptr, koff_ptr, out_ptr,
                + (hd % D)[None, :] * s_kd)
         dst = out_ptr + (off + tok).to(tl.int64)[:, None] * (HKV * D) + hd[None, :]
         tl.store(dst, tl.load(src, mask=ok), mask=ok)
+
+
+def key_copy_min_len(stride: int, num_q_heads: int, num_kv_heads: int) -> int:
+    """Keys from which copying a request's keys for the TMA path saves GPU time.
+
+    The copy costs one read and write of the keys (4 KB per token on the Llama layer), linear in
+    N; the whole tiles' GEMM, quadratic in N, runs ~14 % faster at S=8 and ~6 % at S=16. H100,
+    Llama layer (32 / 8 heads), GPU time with the copy against the masked loads alone
+    (``benchmarks/results/scoring_launch_overhead_h100.json``): S=8 -8 % at 32K and -14 % at
+    128K; S=16 +2 % at 32K and -5 % at 128K. That puts the break-even near 10K keys at S=8 and
+    near 40K at S=16 (the gain halves as S doubles: (S/8)^2), scaled by the copy's share per
+    query head (4 / the GQA group of the Llama layer)."""
+    group = max(1, num_q_heads // num_kv_heads)
+    return int(10240 * (stride / 8) ** 2 * 4 / group)
 
 
 def key_copy_capacity(max_seq_len: int) -> int:

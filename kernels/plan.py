@@ -178,6 +178,7 @@ def plan_prefill(
     min_tiles: int = 0,
     key_copy_capacity: int | None = None,
     key_copy_min_tiles: int = 1,
+    key_copy_min_len: int = 0,
 ) -> XAttnPlan:
     """Plan a varlen prefill batch. ``cu_seqlens_q`` [R+1] and ``seq_lens`` [R] (total keys N
     per request) are CPU ints. ``block_m``/``block_n`` (scoring tile sizes in super-tokens)
@@ -187,7 +188,8 @@ def plan_prefill(
 
     ``key_copy_capacity``: rows of the scoring kernel's key copy (None: unbounded). A request's
     keys are copied if it has at least ``key_copy_min_tiles`` whole scoring tiles (every row's
-    S tokens inside its query), longest request first while the copy has room."""
+    S tokens inside its query) and ``key_copy_min_len`` keys, longest request first while the
+    copy has room (``key_copy_min_len``: see ``key_copy.key_copy_min_len``)."""
     B, S = block_size, stride
     if B % S:
         raise ValueError(f"stride {S} must divide block_size {B}")
@@ -235,7 +237,8 @@ def plan_prefill(
     order = sorted(range(len(tiles)), key=lambda t: -costs[t])  # longest first: balance
     key_offset, rows = [-1] * R, 0
     for r in sorted(range(R), key=lambda r: -ns[r]):
-        if whole[r] >= key_copy_min_tiles and (key_copy_capacity is None or rows + ns[r] <= key_copy_capacity):
+        if (whole[r] >= key_copy_min_tiles and ns[r] >= key_copy_min_len
+                and (key_copy_capacity is None or rows + ns[r] <= key_copy_capacity)):
             key_offset[r], rows = rows, rows + ns[r]
     i32 = lambda x: torch.tensor(x, dtype=torch.int32)
     return XAttnPlan(

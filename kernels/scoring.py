@@ -311,7 +311,8 @@ def antidiagonal_scores_paged(
     num_programs: persistent grid size (default ``scoring_programs``: one per SM). workspace: optional preallocated
     float32 scratch of ``scoring_workspace_numel(plan, num_programs)`` elements.
     key_copy: optional preallocated ``copy_keys`` buffer (``[>= key_copy_rows(plan), Hkv * D]``).
-    tma: whole tiles through TMA (default: where ``tma_supported``); False: masked loads only.
+    tma: whole tiles through TMA (default: where ``tma_supported`` and the plan copies keys);
+    False: masked loads only.
     """
     check_scoring_inputs(q, kv_cache, block_table, plan)
     _, hq, d = q.shape
@@ -327,8 +328,8 @@ def antidiagonal_scores_paged(
     n_work = plan.num_tiles * hq
     nprog = num_programs or max(1, min(n_work, scoring_programs(q.device)))
     out, scr_p, scr_m, queue = scoring_buffers(plan, hq, nprog, q.device, out, workspace)
-    if tma is None:
-        tma = tma_supported(q, kv_cache)
+    if tma is None:  # a plan that copies no keys has no whole tiles to read through TMA
+        tma = plan.key_copy_rows > 0 and tma_supported(q, kv_cache)
     if tma:
         key_copy = copy_keys(kv_cache, block_table, plan, out=key_copy)
     else:

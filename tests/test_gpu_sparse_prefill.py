@@ -241,14 +241,14 @@ def test_warm_up_leaves_nothing_to_compile_for_serving(monkeypatch, executor, gr
 
     from vllm_xattn.backends.executors import make_executor
     from vllm_xattn.backends.warmup import warm_up_sparse_path, warmup_shapes
-    from vllm_xattn.kernels import layout, page_lists, scoring, selection
+    from vllm_xattn.kernels import key_copy, key_copy_capacity, key_copy_min_len, layout, page_lists, scoring, selection
     from vllm_xattn.kernels.plan import min_scoring_tiles
 
     hq, hkv, d, page, max_len, max_tokens = 8, 2, 128, 16, 40000, 16384
     cfg = XAttnConfig(min_sparse_tokens=4096, granularity=granularity)
     sel_heads = hkv if granularity == "kv_group" else hq
     for k in (scoring._score_kernel, selection._select_kernel, page_lists._page_list_kernel,
-              page_lists._csr_lengths_kernel, layout._copy_tokens_heads_kernel):
+              page_lists._csr_lengths_kernel, layout._copy_tokens_heads_kernel, key_copy._copy_keys_kernel):
         k.device_caches.clear()  # as in a fresh process (Triton's disk cache still fires the hook)
     compiled = []
     monkeypatch.setattr(knobs.runtime, "jit_post_compile_hook",
@@ -257,7 +257,8 @@ def test_warm_up_leaves_nothing_to_compile_for_serving(monkeypatch, executor, gr
                        kv_dtype=torch.bfloat16)
     pool = ScratchPool(max_tokens=max_tokens, max_reqs=4, max_seq_len=max_len, num_q_heads=hq, head_dim=d,
                        dtype=torch.bfloat16, cfg=cfg, page_size=page, device=torch.device("cuda"),
-                       executor=executor)
+                       executor=executor, num_kv_heads=hkv)
+    assert pool.keys is not None  # the H100 scores whole tiles through TMA
     sp = SparsePrefill(cfg, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, scale=d ** -0.5, thresholds=None)
     # the layer's query as vLLM hands it over: a strided view of the fused qkv projection
     qkv = torch.randn(max_tokens, (hq + 2 * hkv) * d, device="cuda").to(torch.bfloat16)
@@ -265,7 +266,8 @@ def test_warm_up_leaves_nothing_to_compile_for_serving(monkeypatch, executor, gr
     ran = warm_up_sparse_path(sp, pool, query, executor=ex, page_size=page, kv_dtype=torch.bfloat16,
                               max_model_len=max_len, selection_heads=sel_heads)
     assert ran == len(warmup_shapes(cfg, max_model_len=max_len)) > 0
-    assert {"_score_kernel", "_select_kernel", "_page_list_kernel", "_copy_tokens_heads_kernel"} <= set(compiled)
+    assert {"_score_kernel", "_select_kernel", "_page_list_kernel", "_copy_tokens_heads_kernel",
+            "_copy_keys_kernel"} <= set(compiled)
     compiled.clear()
     min_tiles = min_scoring_tiles(torch.cuda.get_device_properties(0).multi_processor_count, hq)
     for reqs in ([(max_tokens, max_tokens)],  # a fresh 16K prompt
@@ -274,10 +276,13 @@ def test_warm_up_leaves_nothing_to_compile_for_serving(monkeypatch, executor, gr
                  [(128, 4200)]):  # one query block: the smallest scoring tiles
         q, k, v, cu_q, cu_k, n, kv_cache, bt = _problem(hq, hkv, d, page, reqs)
         bt = torch.cat([bt, torch.zeros(bt.shape[0], 3, dtype=bt.dtype, device=bt.device)], 1)  # odd width
-        plan = plan_prefill(cu_q, n, block_size=cfg.block_size, stride=cfg.stride, min_tiles=min_tiles)
-        step = SparseStep.from_host_plan(plan, block_table=bt, tok_start=0, tok_end=int(cu_q[-1]),
-                                         selection_heads=sel_heads, device="cuda", executor=ex)
-        qv = torch.randn(q.shape[0], (hq + 2 * hkv) * d, device="cuda").to(torch.bfloat16)[:, : hq * d]
-        sp.run(qv.view(-1, hq, d), kv_cache, step, torch.empty_like(q), pool)
+        # as the builder plans (these lengths copy no keys at S=16), and copying every key
+        for min_len in (key_copy_min_len(cfg.stride, hq, hkv), 0):
+            plan = plan_prefill(cu_q, n, block_size=cfg.block_size, stride=cfg.stride, min_tiles=min_tiles,
+                                key_copy_capacity=key_copy_capacity(max_len), key_copy_min_len=min_len)
+            step = SparseStep.from_host_plan(plan, block_table=bt, tok_start=0, tok_end=int(cu_q[-1]),
+                                             selection_heads=sel_heads, device="cuda", executor=ex)
+            qv = torch.randn(q.shape[0], (hq + 2 * hkv) * d, device="cuda").to(torch.bfloat16)[:, : hq * d]
+            sp.run(qv.view(-1, hq, d), kv_cache, step, torch.empty_like(q), pool)
     torch.cuda.synchronize()
     assert compiled == [], f"compiled during serving: {compiled}"

@@ -144,3 +144,34 @@ def test_scoring_restores_tritons_allocator():
     triton.set_allocator(sentinel)
     antidiagonal_scores_paged(p["q"], p["kv"], p["bt"], p["plan"])
     assert _allocation._allocator.get() is sentinel
+
+
+def test_key_copy_min_len_follows_the_measured_break_even():
+    from vllm_xattn.kernels import key_copy_min_len
+
+    # Llama layer (32 / 8 heads): ~10K keys at S=8, ~40K at S=16 (scoring_launch_overhead_h100.json)
+    assert key_copy_min_len(8, 32, 8) == 10240 and key_copy_min_len(16, 32, 8) == 40960
+    # a larger GQA group shares each copied key among more query heads: pays off sooner
+    assert key_copy_min_len(16, 14, 2) < key_copy_min_len(16, 32, 8) < key_copy_min_len(32, 32, 8)
+    kw = dict(block_size=64, stride=4, block_m=16, block_n=16)
+    plan = plan_prefill([0, 300, 364], [400, 64], key_copy_min_len=100, **kw)
+    assert plan.key_offset.tolist() == [0, -1]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparse_path_takes_tma_only_in_steps_that_copy_keys(device):
+    from vllm_xattn.backends.sparse_prefill import ScratchPool, SparsePrefill
+    from vllm_xattn.config import XAttnConfig
+
+    p = make_problem(_tma_case(device), device, dtype=torch.float32 if device == "cpu" else torch.bfloat16)
+    q, kv = p["q"].to(device), p["kv"]
+    pool = ScratchPool(max_tokens=q.shape[0], max_reqs=4, max_seq_len=10000, num_q_heads=q.shape[1],
+                       head_dim=q.shape[2], dtype=q.dtype, cfg=XAttnConfig(block_size=p["B"], stride=p["S"]),
+                       page_size=kv.shape[2], device=device, num_kv_heads=p["hkv"])
+    cu, lens = p["cu_q"], (p["cu_k"][1:] - p["cu_k"][:-1]).tolist()
+    kw = dict(block_size=p["B"], stride=p["S"], key_copy_capacity=pool.keys.shape[0])
+    copies = plan_prefill(cu, lens, **kw)
+    none = plan_prefill(cu, lens, key_copy_min_len=10**6, **kw)
+    assert copies.key_copy_rows > 0 and none.key_copy_rows == 0
+    assert SparsePrefill._tma(q, kv, copies, pool, None) and not SparsePrefill._tma(q, kv, none, pool, None)
+    assert SparsePrefill._tma(q, kv, none, pool, True) and not SparsePrefill._tma(q, kv, copies, pool, False)
