@@ -12,10 +12,12 @@ sums the rows of each query block into A. Scores are never recomputed nor writte
 On Hopper the GEMM of a whole tile (every row's S tokens inside the request, every key below N)
 reads both operands through TMA: the query as 2-D rows of S tokens (a tile's Q_t rows, S tokens
 apart, are one box), the keys from a contiguous copy of the cache (``key_copy.py``; a paged
-16-token page holds one or two rows of a key box, too few for TMA). That loop issues 114
-instructions per chunk where the masked pointer loop issues 192 (``scripts/sass_loop.py``) and
-ran 16-18 % faster on the H100 (``benchmarks/results/scoring_probe14_h100.json``). The tiles
-at a request's edges keep the masked loads from the paged cache.
+16-token page holds one or two rows of a key box, too few for TMA). That loop issues 97
+instructions per 64-wide chunk where the masked pointer loop issues 167 at S=8
+(``scripts/sass_loop.py``); with the copy included, scoring took 8-14 % less GPU time at S=8
+and -5 to +2 % at S=16 on the H100 (``benchmarks/results/scoring_launch_overhead_h100.json``),
+so the plan copies keys only from ``key_copy_min_len``. The tiles at a request's edges keep the
+masked loads from the paged cache.
 """
 
 from __future__ import annotations
