@@ -175,3 +175,16 @@ def test_sparse_path_takes_tma_only_in_steps_that_copy_keys(device):
     assert copies.key_copy_rows > 0 and none.key_copy_rows == 0
     assert SparsePrefill._tma(q, kv, copies, pool, None) and not SparsePrefill._tma(q, kv, none, pool, None)
     assert SparsePrefill._tma(q, kv, none, pool, True) and not SparsePrefill._tma(q, kv, copies, pool, False)
+
+
+def test_builder_plan_carries_the_key_copy_bounds():
+    """plan_sparse_suffix passes the builder's key-copy bounds on to the plan (relative to the
+    suffix's requests)."""
+    from vllm_xattn.backends.sparse_prefill import plan_sparse_suffix
+    from vllm_xattn.config import XAttnConfig
+
+    cfg = XAttnConfig(block_size=64, stride=4, min_sparse_tokens=128)
+    qsl, lens = torch.tensor([0, 1, 2, 302, 366]), torch.tensor([50, 70, 400, 200])
+    first, plan = plan_sparse_suffix(qsl, lens, cfg, block_m=16, block_n=16, key_copy_capacity=1000,
+                                     key_copy_min_len=300)
+    assert first == 2 and plan.key_offset.tolist() == [0, -1] and plan.key_copy_rows == 400
