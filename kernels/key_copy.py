@@ -16,6 +16,7 @@ loads from the cache).
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -70,12 +71,17 @@ def key_copy_capacity(max_seq_len: int) -> int:
 
 def tma_device(device, dtype) -> bool:
     """Whether scoring reads whole tiles through TMA on ``device`` for inputs of ``dtype``: Hopper
-    or newer with 16-bit inputs (under the Triton interpreter, on CPU, any)."""
+    or newer with 16-bit inputs (under the Triton interpreter, on CPU, any). Called per layer:
+    the device's capability is looked up once."""
     device = torch.device(device)
     if os.environ.get("TRITON_INTERPRET") == "1":
         return True
-    return (device.type == "cuda" and torch.tensor([], dtype=dtype).element_size() == 2
-            and torch.cuda.get_device_capability(device)[0] >= 9)
+    return device.type == "cuda" and dtype.itemsize == 2 and _major_capability(device.index) >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _major_capability(index: int | None) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def key_copy_rows(plan: XAttnPlan) -> int:
