@@ -25,7 +25,7 @@ from bench_common import (  # noqa: E402
 
 from vllm_xattn import reference as ref  # noqa: E402
 from vllm_xattn.kernels import (  # noqa: E402
-    antidiagonal_scores_paged, build_page_lists, masks_from_selection, plan_prefill,
+    antidiagonal_scores_paged, build_page_lists, key_copy_min_len, masks_from_selection, plan_prefill,
     select_blocks_packed, unpack_scores,
 )
 
@@ -140,6 +140,10 @@ def main():
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per case")
+    ap.add_argument("--key-copy", choices=["serving", "all"], default="serving",
+                    help="which requests scoring copies keys for (its TMA path): as the XATTN builder "
+                         "plans (from key_copy_min_len keys; the default), or every one with a whole tile "
+                         "(the 0f754a6 run)")
     args = ap.parse_args()
     out = Path(args.out)
     log_lines = []
@@ -176,7 +180,9 @@ def main():
         for stride in args.strides:
             best = tiles.get((shape, stride)) or {}
             t0 = time.perf_counter()
-            plan = plan_prefill(cu_q, sl, block_size=128, stride=stride,
+            min_len = (key_copy_min_len(stride, dims["num_q_heads"], dims["num_kv_heads"])
+                       if args.key_copy == "serving" else 0)
+            plan = plan_prefill(cu_q, sl, block_size=128, stride=stride, key_copy_min_len=min_len,
                                 block_m=best.get("block_m"), block_n=best.get("block_n")).to(q.device)
             plan_ms = (time.perf_counter() - t0) * 1e3
             launch = {k: best[k] for k in ("num_warps", "num_stages", "block_d") if k in best}
@@ -203,6 +209,7 @@ def main():
                        scoring_ratio=median([t / td for t, td in zip(times["scoring"], times["dense"])]),
                        selection_ms=select_ms, page_lists_ms=lists_ms, density=density,
                        plan_host_ms=plan_ms, rounds=args.rounds, round_ms=times,
+                       key_copy=args.key_copy, keys_copied=plan.key_copy_rows > 0,
                        tiles=dict(block_m=plan.block_m, block_n=plan.block_n, **launch), **dims)
             records.append(rec)
             log(f"{shape:13s} N={seq_lens[0]:6d}x{len(seq_lens)} S={stride:2d}: xattn {ms:8.3f} ms "
