@@ -22,11 +22,12 @@ from vllm_xattn.kernels import (
     antidiagonal_scores_paged,
     copy_tokens_heads,
     key_copy_capacity,
+    key_copy_min_len,
     plan_prefill,
-    tma_device,
     scoring_programs,
     scoring_workspace_numel,
     select_blocks_packed,
+    tma_device,
 )
 from vllm_xattn.kernels.scoring import tma_supported
 from vllm_xattn.kernels.plan import _ints
@@ -158,10 +159,12 @@ class ScratchPool:
         self.fi_last_page_len = torch.empty(num_q_heads * max_rows, dtype=torch.int32, device=device)
         if executor == "flashinfer":  # its buffers, and its JIT build now rather than mid-serving
             FlashInferContext.reserve(device, dtype=dtype, head_dim=head_dim, page_size=page_size)
-        # Scoring's key copy (kernels/key_copy.py) for its TMA loads, where the GPU has TMA: room
-        # for one request of max_seq_len keys (the builder plans the copy within it).
+        # Scoring's key copy (kernels/key_copy.py) for its TMA loads, where the GPU has TMA and a
+        # request can be long enough to be copied: room for one request of max_seq_len keys (the
+        # builder plans the copy within it).
         self.keys = None
-        if num_kv_heads is not None and tma_device(device, dtype):
+        if (num_kv_heads is not None and tma_device(device, dtype)
+                and key_copy_min_len(S, num_q_heads, num_kv_heads) <= max_seq_len):
             self.keys = torch.empty(key_copy_capacity(max_seq_len), num_kv_heads * head_dim, dtype=dtype,
                                     device=device)
         self.q = torch.empty(max_tokens * num_q_heads * head_dim, dtype=dtype, device=device)

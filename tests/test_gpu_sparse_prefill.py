@@ -244,7 +244,7 @@ def test_warm_up_leaves_nothing_to_compile_for_serving(monkeypatch, executor, gr
     from vllm_xattn.kernels import key_copy, key_copy_capacity, key_copy_min_len, layout, page_lists, scoring, selection
     from vllm_xattn.kernels.plan import min_scoring_tiles
 
-    hq, hkv, d, page, max_len, max_tokens = 8, 2, 128, 16, 40000, 16384
+    hq, hkv, d, page, max_len, max_tokens = 8, 2, 128, 16, 48000, 16384
     cfg = XAttnConfig(min_sparse_tokens=4096, granularity=granularity)
     sel_heads = hkv if granularity == "kv_group" else hq
     for k in (scoring._score_kernel, selection._select_kernel, page_lists._page_list_kernel,
@@ -258,7 +258,7 @@ def test_warm_up_leaves_nothing_to_compile_for_serving(monkeypatch, executor, gr
     pool = ScratchPool(max_tokens=max_tokens, max_reqs=4, max_seq_len=max_len, num_q_heads=hq, head_dim=d,
                        dtype=torch.bfloat16, cfg=cfg, page_size=page, device=torch.device("cuda"),
                        executor=executor, num_kv_heads=hkv)
-    assert pool.keys is not None  # the H100 scores whole tiles through TMA
+    assert pool.keys is not None  # the H100 scores whole tiles through TMA (max_len >= key_copy_min_len)
     sp = SparsePrefill(cfg, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, scale=d ** -0.5, thresholds=None)
     # the layer's query as vLLM hands it over: a strided view of the fused qkv projection
     qkv = torch.randn(max_tokens, (hq + 2 * hkv) * d, device="cuda").to(torch.bfloat16)

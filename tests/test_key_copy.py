@@ -118,32 +118,23 @@ def test_tma_needs_a_token_major_aligned_query():
 def test_pool_scores_from_the_cache_when_a_plan_exceeds_its_key_copy(device):
     from vllm_xattn.backends.sparse_prefill import ScratchPool
     from vllm_xattn.config import XAttnConfig
+    from vllm_xattn.kernels import key_copy_min_len
 
-    pool = ScratchPool(max_tokens=256, max_reqs=2, max_seq_len=300, num_q_heads=2, head_dim=16,
-                       dtype=torch.float32, cfg=XAttnConfig(block_size=64, stride=4), page_size=16,
-                       device=device, num_kv_heads=1)
+    kw = dict(max_tokens=256, max_reqs=2, num_q_heads=2, head_dim=16, dtype=torch.float32,
+              cfg=XAttnConfig(block_size=64, stride=4), page_size=16, device=device, num_kv_heads=1)
+    assert key_copy_min_len(4, 2, 1) == 5120
+    # no request this short is ever copied: no room reserved for one
+    assert ScratchPool(max_seq_len=5000, **kw).keys is None
+    pool = ScratchPool(max_seq_len=6000, **kw)
     if not tma_device(device, torch.float32):
         assert pool.keys is None
         return
-    assert tuple(pool.keys.shape) == (320, 16)
-    plan = plan_prefill([0, 128, 256], [300, 300], block_size=64, stride=4, block_m=16, block_n=16)
-    assert plan.key_copy_rows == 600 and not pool.key_copy_fits(plan)
-    plan = plan_prefill([0, 128, 256], [300, 300], block_size=64, stride=4, block_m=16, block_n=16,
-                        key_copy_capacity=pool.keys.shape[0])
-    assert plan.key_copy_rows == 300 and pool.key_copy_fits(plan)
-
-
-def test_scoring_restores_tritons_allocator():
-    """The kernel's device-made descriptors need Triton's allocator for one launch; whatever the
-    caller had set is back afterwards."""
-    import triton
-    from triton.runtime import _allocation
-
-    p = make_problem(([(64, 64)], 2, 1, 16, 64, 4, 16, 16, 16), "cpu")
-    sentinel = _allocation.NullAllocator()
-    triton.set_allocator(sentinel)
-    antidiagonal_scores_paged(p["q"], p["kv"], p["bt"], p["plan"])
-    assert _allocation._allocator.get() is sentinel
+    assert tuple(pool.keys.shape) == (6016, 16)
+    plan_kw = dict(block_size=64, stride=4, block_m=16, block_n=16)
+    plan = plan_prefill([0, 128, 256], [4000, 4000], **plan_kw)
+    assert plan.key_copy_rows == 8000 and not pool.key_copy_fits(plan)
+    plan = plan_prefill([0, 128, 256], [4000, 4000], key_copy_capacity=pool.keys.shape[0], **plan_kw)
+    assert plan.key_copy_rows == 4000 and pool.key_copy_fits(plan)
 
 
 def test_key_copy_min_len_follows_the_measured_break_even():
@@ -165,7 +156,7 @@ def test_sparse_path_takes_tma_only_in_steps_that_copy_keys(device):
 
     p = make_problem(_tma_case(device), device, dtype=torch.float32 if device == "cpu" else torch.bfloat16)
     q, kv = p["q"].to(device), p["kv"]
-    pool = ScratchPool(max_tokens=q.shape[0], max_reqs=4, max_seq_len=10000, num_q_heads=q.shape[1],
+    pool = ScratchPool(max_tokens=q.shape[0], max_reqs=4, max_seq_len=20000, num_q_heads=q.shape[1],
                        head_dim=q.shape[2], dtype=q.dtype, cfg=XAttnConfig(block_size=p["B"], stride=p["S"]),
                        page_size=kv.shape[2], device=device, num_kv_heads=p["hkv"])
     cu, lens = p["cu_q"], (p["cu_k"][1:] - p["cu_k"][:-1]).tolist()
