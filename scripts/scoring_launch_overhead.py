@@ -6,10 +6,16 @@ ms per call over 50 calls without synchronising, and the GPU's ms per call for 2
 behind a sleep kernel (so the host is never the limit there):
 
     python scripts/scoring_launch_overhead.py --out benchmarks/results/scoring_launch_overhead_h100.json
+
+``--profile`` also prints where the host time of each path goes (cProfile over 200 calls of the
+first case, top functions by cumulative time).
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import sys
 import time
 from pathlib import Path
@@ -44,12 +50,26 @@ def host_and_gpu_ms(fn, calls: int = 50, queued: int = 20) -> tuple[float, float
     return host, start.elapsed_time(end) / queued
 
 
+def host_profile(fn, calls: int = 200, top: int = 25) -> str:
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(top)
+    return out.getvalue()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/scoring_launch_overhead_h100.json"))
+    ap.add_argument("--profile", action="store_true", help="cProfile each path's host time on the first case")
     args = ap.parse_args()
     records = []
-    for shape, n, S in CASES:
+    for case, (shape, n, S) in enumerate(CASES):
         dims = SHAPES[shape]
         q, kv, bt, cu, sl = paged_inputs([n], [n], **dims)
         plan = plan_prefill(cu, sl, block_size=128, stride=S).to("cuda")
@@ -63,6 +83,8 @@ def main():
         assert torch.allclose(fns["tma"](), want, rtol=1e-4, atol=1e-6), (shape, n, S)
         for name, fn in fns.items():
             fn()
+            if args.profile and case == 0:
+                print(f"--- host profile: {shape} N={n} S={S} {name} (200 calls)\n{host_profile(fn)}", flush=True)
             bench = do_bench(fn, rep=200)
             host, gpu = host_and_gpu_ms(fn)
             rec = dict(shape=shape, seq_len=n, stride=S, path=name, do_bench_ms=bench, host_ms_per_call=host,
