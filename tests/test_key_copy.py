@@ -137,6 +137,19 @@ def test_pool_scores_from_the_cache_when_a_plan_exceeds_its_key_copy(device):
     assert plan.key_copy_rows == 4000 and pool.key_copy_fits(plan)
 
 
+def test_scoring_restores_tritons_allocator():
+    """The kernel's device-made descriptors need Triton's allocator for one launch; whatever the
+    caller had set is back afterwards."""
+    import triton
+    from triton.runtime import _allocation
+
+    p = make_problem(([(64, 64)], 2, 1, 16, 64, 4, 16, 16, 16), "cpu")
+    sentinel = _allocation.NullAllocator()
+    triton.set_allocator(sentinel)
+    antidiagonal_scores_paged(p["q"], p["kv"], p["bt"], p["plan"])
+    assert _allocation._allocator.get() is sentinel
+
+
 def test_key_copy_min_len_follows_the_measured_break_even():
     from vllm_xattn.kernels import key_copy_min_len
 
