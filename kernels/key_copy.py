@@ -10,9 +10,8 @@ pays from a length that ``key_copy_min_len`` gives (``benchmarks/results/scoring
 
 Which requests are copied, and where, is decided on the host with the plan
 (``plan_prefill``'s ``key_copy_capacity``, ``key_copy_min_tiles``, ``key_copy_min_len``):
-``plan.key_offset[r]`` is
-request r's first row, -1 where its keys are not copied (its tiles then all take the masked
-loads from the cache).
+``plan.key_offset[r]`` is request r's first row, -1 where its keys are not copied (its tiles
+then all take the masked loads from the cache).
 """
 from __future__ import annotations
 
@@ -86,7 +85,7 @@ def _major_capability(index: int | None) -> int:
 
 def key_copy_rows(plan: XAttnPlan) -> int:
     """Rows the plan's key copy needs (a multiple of ``KEY_COPY_ALIGN``)."""
-    return -(-plan.key_copy_rows // KEY_COPY_ALIGN) * KEY_COPY_ALIGN
+    return key_copy_capacity(plan.key_copy_rows)
 
 
 def copy_keys(kv_cache: Tensor, block_table: Tensor, plan: XAttnPlan, out: Tensor | None = None) -> Tensor:

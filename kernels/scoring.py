@@ -338,7 +338,8 @@ def antidiagonal_scores_paged(
         key_copy = q  # unused
     kw = {"num_warps": num_warps or _default_warps(plan.block_m * plan.block_n),
           "num_stages": num_stages or _default_stages(plan.block_m, plan.block_n, block_d, q.element_size())}
-    with _descriptor_scratch(q.device):
+    # only the TMA variant makes descriptors; the masked one needs no allocator
+    with _descriptor_scratch(q.device) if tma else contextlib.nullcontext():
         _score_kernel[(nprog,)](
             q, kv_cache, key_copy, block_table, out, scr_p, scr_m, plan.tiles, plan.req_meta,
             plan.key_offset, queue,
