@@ -29,6 +29,8 @@ temporary module (so the product kernel carries no diagnostic switches):
   ``, TMA query``, ``, TMA query and keys``; ``aligned, ...``: one unmasked loop) were here
   until e3cb89a (``scoring_probe14_h100.json``).
 - ``heads-outer``: work items head by head instead of heads innermost.
+- ``flat-tma``: the TMA path as one pipelined loop over (key tile, chunk) with the epilogue
+  inside, so loads run ahead across key tiles (timed inputs only: every tile whole).
 - ``paired-q`` / ``quarter-q``: query heads h and h + Hq/2 (heads Hq/4 apart) read the same
   query memory, so the resident programs hold 1/2 (1/4) as many distinct query tiles; between
   the kernel and ``shared-q`` (Nsight Compute: the query re-reads miss L2, ``ncu_scoring.py``).
@@ -81,7 +83,32 @@ Q_MASK, K_MASK = "mask=qmask[:, None], other=0.0)", "mask=kmask[None, :], other=
 Q_BASE = "q_base = q_ptr + h.to(tl.int64) * s_qh"
 Q_LAST = (Q_MASK, Q_MASK[:-1] + ', eviction_policy="evict_last")')
 K_FIRST = (K_MASK, K_MASK[:-1] + ', eviction_policy="evict_first")')
+# ``flat-tma``: the TMA path as one software pipeline over (key tile, chunk), the epilogue under
+# an ``if`` at each tile's last chunk, so the next tile's first loads are in flight while it runs
+# (the nested loops drain and refill the pipeline at every key tile). Whole tiles only: the
+# single requests timed here, whose lengths are multiples of BLOCK_N * S.
+_TILE_LOOP = "        for kt in range(0, n_kt):\n            cols = kt * BLOCK_N + offs_n\n"
+FLAT_TMA = """        n_kt_loop = n_kt
+        if TMA:
+            n_kt_loop = 0
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for i in range(0, n_kt * (S * ND)):
+                kt = i // (S * ND)
+                it = i % (S * ND)
+                t = it // ND
+                dc = (it % ND) * BLOCK_D
+                tok = q_tok - t
+                q = q_desc.load([tok // S, (tok % S) * s_qt + h * s_qh + dc])
+                ktok = k0 + kt * BLOCK_N * S + t
+                k = k_desc.load([ktok // S, (ktok % S) * kv_row + hk * D + dc]).T
+                acc = tl.dot(q, k.to(q.dtype), acc, input_precision=PREC)
+                if it == S * ND - 1:
+                    cols = kt * BLOCK_N + offs_n
+""" + "".join("        " + line + "\n" if line.strip() else "\n" for line in EPILOGUE.splitlines()) + """\
+                    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+"""
 VARIANTS = {
+    "flat-tma": [(_TILE_LOOP, FLAT_TMA + _TILE_LOOP.replace("n_kt)", "n_kt_loop)"))],
     "no-epilogue": [(EPILOGUE, NO_EPILOGUE)],
     "no-load-masks": [(Q_MASK, ")"), (K_MASK, ")")],
     "q-evict-last": [Q_LAST],
@@ -168,7 +195,7 @@ def main():
             cases["key copy alone"] = lambda: copy_keys(kv, bt, plan)
             want = scoring.antidiagonal_scores_paged(q, kv, bt, plan)
             for name in ("head-major-q", "baseline", "ws-prototype", "heads-outer", "no-load-masks",
-                         "masked loads only"):
+                         "masked loads only", "flat-tma"):
                 if name in cases and (not args.only or name in args.only):
                     assert torch.allclose(cases[name](), want, rtol=1e-4, atol=1e-6), name
             cases = {k: f for k, f in cases.items() if not args.only or k in args.only}
