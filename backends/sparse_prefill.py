@@ -29,7 +29,7 @@ from vllm_xattn.kernels import (
     select_blocks_packed,
     tma_device,
 )
-from vllm_xattn.kernels.scoring import tma_supported
+from vllm_xattn.kernels.scoring import direct_keys_usable, tma_supported
 from vllm_xattn.kernels.plan import _ints
 
 logger = init_logger("vllm.xattn")
@@ -210,12 +210,18 @@ class SparsePrefill:
         self.thresholds = thresholds  # [Hq] float32 on the device, or None (cfg.threshold)
 
     @staticmethod
-    def _tma(q, kv_cache, plan: XAttnPlan, pool: ScratchPool, tma: bool | None) -> bool:
-        """Scoring through TMA: only with the pool's key copy, and by default only in steps that
-        copy keys (a launch without copies would only add the copy kernel's host time)."""
-        if not tma_supported(q, kv_cache) or not pool.key_copy_fits(plan):
+    def _tma(q, kv_cache, keys, plan: XAttnPlan, pool: ScratchPool, tma: bool | None) -> bool:
+        """Scoring through TMA: in a step that copies keys, only into the pool's key copy; in
+        one that does not, by default where the step's own keys serve (``direct_keys_usable``:
+        a request with no context), else not at all (TMA would only add host time); forced on
+        (the warm-up) it compiles and runs the TMA variant either way."""
+        if not tma_supported(q, kv_cache):
             return False
-        return plan.key_copy_rows > 0 if tma is None else tma
+        if plan.key_copy_rows > 0:
+            usable, default = pool.key_copy_fits(plan), True
+        else:  # nothing to copy: no room needed in the pool
+            usable, default = True, direct_keys_usable(keys, q, plan)
+        return usable and (default if tma is None else tma)
 
     def _tau(self, device) -> torch.Tensor:
         if self.thresholds is None:  # made once, not in every forward
@@ -224,21 +230,25 @@ class SparsePrefill:
         return self.thresholds
 
     def run(self, query: torch.Tensor, kv_cache: torch.Tensor, step: SparseStep,
-            output: torch.Tensor, pool: ScratchPool, tma: bool | None = None) -> torch.Tensor:
+            output: torch.Tensor, pool: ScratchPool, tma: bool | None = None,
+            keys: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of ``query[tok_start:tok_end]`` into ``output`` rows; returns the selection
         counts, int32 [Hq, packed query blocks] on the device (``.sum()``: selected blocks).
-        ``tma``: scoring's whole-tile TMA path (default: when the step copies keys, see
-        ``key_copy_min_len``; the warm-up forces it to compile it)."""
+        ``keys``: the layer's new keys, rows like ``query``'s (scoring reads those of requests
+        with no context through TMA, no copy). ``tma``: scoring's whole-tile TMA path (default:
+        when the step copies keys, see ``key_copy_min_len``, or ``keys`` serve; the warm-up
+        forces it to compile it)."""
         cfg, plan = self.cfg, step.plan
         if step.executor is None:
             raise RuntimeError("XATTN: this step has no sparse executor (see the layer's dense reasons)")
         q = query[step.tok_start:step.tok_end]
+        k = None if keys is None else keys[step.tok_start:step.tok_end]
         T = q.shape[0]
         pool.check_fits(plan, T, self.hq, self.d)
         scores = pool.scores[:, : plan.total_q_blocks, : plan.max_kb]
         a = antidiagonal_scores_paged(q, kv_cache, step.block_table, plan, out=scores,
                                       workspace=pool.workspace, num_programs=pool.num_programs,
-                                      key_copy=pool.keys, tma=self._tma(q, kv_cache, plan, pool, tma))
+                                      key_copy=pool.keys, keys=k, tma=self._tma(q, kv_cache, k, plan, pool, tma))
         counts, ids = select_blocks_packed(
             a, plan, mode=cfg.selection,
             threshold=self._tau(q.device),

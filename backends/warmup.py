@@ -8,8 +8,9 @@ kernels vary in only two of them:
   in steps too small to give every SM a work item (``plan.min_scoring_tiles``);
 - selection's ``BLOCK_K``: the next power of two of the step's key blocks, which grows with
   the longest sequence in the step, from ``min_sparse_tokens`` to ``max_model_len``;
-- scoring's ``TMA``: on in steps that copy keys for its whole tiles (``key_copy_min_len``), off
-  in the others.
+- scoring's ``TMA``: on in steps that copy keys for its whole tiles (``key_copy_min_len``) or
+  read a context-free request's keys from the layer's own keys, off in the others (the key
+  source's strides fall in one specialisation class either way).
 
 Everything else they specialise on is fixed for the engine (head counts and size, page size,
 the scratch pool's strides, the classes of the cache and query strides); per-step ints are
@@ -31,6 +32,7 @@ from vllm.logger import init_logger
 
 from vllm_xattn.config import XAttnConfig
 from vllm_xattn.kernels import plan_prefill, scoring_tile_heights, selection_block_k
+from vllm_xattn.kernels.scoring import tma_supported
 
 logger = init_logger("vllm.xattn")
 
@@ -84,9 +86,9 @@ def warm_up_sparse_path(sparse, pool, query: torch.Tensor, *, executor, page_siz
         step = SparseStep.from_host_plan(plan, block_table=block_table, tok_start=0, tok_end=B,
                                          selection_heads=selection_heads, device=query.device,
                                          executor=executor)
-        # Scoring compiles apart with and without its TMA path (steps that copy keys take it);
-        # these chunks copy none, so both are asked for.
-        for tma in (True, False) if pool.keys is not None else (False,):
+        # Scoring compiles apart with and without its TMA path (steps that copy keys or have a
+        # request without context take it); these chunks do neither, so both are asked for.
+        for tma in (True, False) if tma_supported(q, kv) else (False,):
             sparse.run(q, kv, step, out, pool, tma=tma)
     torch.cuda.synchronize(query.device)
     logger.info("XATTN: compiled and ran the sparse path's kernels for %d warm-up shapes in %.1f s",

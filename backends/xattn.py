@@ -292,7 +292,7 @@ class XAttentionImpl(FlashAttentionImpl):
             logger.info_once("XATTN sparse prefill running")
             counts = self._sparse.run(query, kv_cache, sparse_step,
                                       output.view(-1, self.num_heads, self.head_size),
-                                      self._scratch(query))
+                                      self._scratch(query), keys=key)
             if (log := density_log()) is not None:
                 log.record(self._layer_index if self._layer_index is not None else -1,
                            sparse_step.tok_end - sparse_step.tok_start, self._head_offset,

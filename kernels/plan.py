@@ -85,7 +85,12 @@ class XAttnPlan:
     # The scoring kernel's contiguous key copy (key_copy.py): first row of each request's keys,
     # -1 for a request that is not copied, and the rows in use.
     key_offset: Tensor  # [R]
+    # Or, where scoring is given the step's own keys (``antidiagonal_scores_paged(keys=)``): the
+    # first key row of each request with no context (its keys are its query tokens' keys: the
+    # request's first query row), -1 for the others; and how many requests have one.
+    direct_key_offset: Tensor  # [R]
     key_copy_rows: int = 0
+    direct_key_requests: int = 0
 
     def to(self, device, *extra: Tensor | None) -> "XAttnPlan" | tuple:
         """The plan with its tensors on ``device``, in one copy (``host_to_device``). Host
@@ -240,6 +245,8 @@ def plan_prefill(
         if (whole[r] >= key_copy_min_tiles and ns[r] >= key_copy_min_len
                 and (key_copy_capacity is None or rows + ns[r] <= key_copy_capacity)):
             key_offset[r], rows = rows, rows + ns[r]
+    # Direct keys need no copy, so any request with a whole tile (query rows and a key tile) gains.
+    direct = [req[r][0] if req[r][1] == 0 and whole[r] and ns[r] >= block_n * S else -1 for r in range(R)]
     i32 = lambda x: torch.tensor(x, dtype=torch.int32)
     return XAttnPlan(
         block_size=B, stride=S, block_m=block_m, block_n=block_n,
@@ -248,5 +255,6 @@ def plan_prefill(
         req_meta=i32(req).reshape(R, 5), tiles=i32([tiles[t] for t in order]).reshape(-1, 2),
         row_block=i32(row_block), row_request=i32(row_request),
         row_q_start=i32(row_q_start + [cq[-1] - cq[0]]), row_last_len=i32(row_last_len),
-        key_offset=i32(key_offset), key_copy_rows=rows,
+        key_offset=i32(key_offset), direct_key_offset=i32(direct), key_copy_rows=rows,
+        direct_key_requests=sum(x >= 0 for x in direct),
     )

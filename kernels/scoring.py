@@ -77,7 +77,7 @@ def _score_kernel(
     s_kp, s_kh, s_kn, s_kd,
     s_bt,
     s_ah, s_ar,
-    max_kt, qk_scale, q_rows_s, k_rows_s,
+    max_kt, qk_scale, q_rows_s, k_rows_s, s_ct, s_ch,
     S: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, B: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
     TMA: tl.constexpr,
@@ -96,15 +96,15 @@ def _score_kernel(
     scr_m = scr_m_ptr + pid.to(tl.int64) * max_kt * BLOCK_M
     p_offs = offs_m[:, None] * NB_T + offs_nb[None, :]
     if TMA:
-        # The query and the key copy seen as 2-D rows of S tokens: box [rows, BLOCK_D] at
-        # (token // S, (token % S) * token stride + column). Made on the device, so the launch
-        # passes plain pointers, and the loop issues 97 instructions per chunk at S=8 against
-        # 110 with host-made descriptors (sass_loop.py). The last row may reach past the tensor;
-        # only whole tiles read through them, and all their tokens lie inside.
-        kv_row = (num_q_heads // group) * D  # a token's row in the key copy
+        # The query and the keys (the key copy, or the step's own keys: token stride s_ct, head
+        # stride s_ch) seen as 2-D rows of S tokens: box [rows, BLOCK_D] at (token // S,
+        # (token % S) * token stride + column). Made on the device, so the launch passes plain
+        # pointers, and the loop issues 97 instructions per chunk at S=8 against 110 with
+        # host-made descriptors (sass_loop.py). The last row may reach past the tensor; only
+        # whole tiles read through them, and all their tokens lie inside.
         q_desc = tl.make_tensor_descriptor(q_ptr, shape=[q_rows_s, S * s_qt], strides=[S * s_qt, 1],
                                            block_shape=[BLOCK_M, BLOCK_D])
-        k_desc = tl.make_tensor_descriptor(kc_ptr, shape=[k_rows_s, S * kv_row], strides=[S * kv_row, 1],
+        k_desc = tl.make_tensor_descriptor(kc_ptr, shape=[k_rows_s, S * s_ct], strides=[S * s_ct, 1],
                                            block_shape=[BLOCK_N, BLOCK_D])
 
     # Work items come longest first from a shared counter: a program takes the next one when
@@ -124,7 +124,7 @@ def _score_kernel(
         hk = h // group
         rows = a0 + offs_m  # absolute super-rows
         if TMA:
-            k0 = tl.load(koff_ptr + r)  # the request's first row in the key copy; -1: not copied
+            k0 = tl.load(koff_ptr + r)  # the request's first row in the keys read by TMA; -1: none
             q_whole = (k0 >= 0) & (a0 * S >= ctx) & ((a0 + BLOCK_M) * S <= n)
             q_tok = q_start - ctx + a0 * S + (S - 1)  # token of Q_0's first row
         a_last = (n - 1) // S
@@ -155,14 +155,14 @@ def _score_kernel(
                 if q_whole & ((kt * BLOCK_N + BLOCK_N) * S <= n):
                     # Q_t's rows are tokens q_tok - t + i*S: row (tok // S) + i of the query seen
                     # as rows of S tokens, at column (tok % S) * token stride; K_t's likewise in
-                    # the key copy.
+                    # the TMA keys.
                     k_tok = k0 + kt * BLOCK_N * S
                     for it in range(0, S * ND):
                         t = it // ND
                         dc = (it % ND) * BLOCK_D
                         tok = q_tok - t
                         q = q_desc.load([tok // S, (tok % S) * s_qt + h * s_qh + dc])
-                        k = k_desc.load([(k_tok + t) // S, ((k_tok + t) % S) * kv_row + hk * D + dc]).T
+                        k = k_desc.load([(k_tok + t) // S, ((k_tok + t) % S) * s_ct + hk * s_ch + dc]).T
                         if UPCAST:
                             q = q.to(tl.float32)
                             k = k.to(tl.float32)
@@ -302,6 +302,7 @@ def antidiagonal_scores_paged(
     block_d: int | None = None,
     key_copy: Tensor | None = None,
     tma: bool | None = None,
+    keys: Tensor | None = None,
 ) -> Tensor:
     """Block masses A, packed: float32 [Hq, plan.total_q_blocks, plan.max_kb].
 
@@ -313,8 +314,11 @@ def antidiagonal_scores_paged(
     num_programs: persistent grid size (default ``scoring_programs``: one per SM). workspace: optional preallocated
     float32 scratch of ``scoring_workspace_numel(plan, num_programs)`` elements.
     key_copy: optional preallocated ``copy_keys`` buffer (``[>= key_copy_rows(plan), Hkv * D]``).
-    tma: whole tiles through TMA (default: where ``tma_supported`` and the plan copies keys);
-    False: masked loads only.
+    keys: optional [T, Hkv, D] keys of q's own tokens (the layer's new keys, row i = token i; any
+    token and head strides): the whole tiles of requests with no context read them through TMA,
+    with no copy (``direct_keys_usable``).
+    tma: whole tiles through TMA (default: where ``tma_supported`` and the plan copies keys, else
+    where ``keys`` serve); False: masked loads only. A plan that copies keys reads the copy.
     """
     check_scoring_inputs(q, kv_cache, block_table, plan)
     _, hq, d = q.shape
@@ -330,25 +334,30 @@ def antidiagonal_scores_paged(
     n_work = plan.num_tiles * hq
     nprog = num_programs or max(1, min(n_work, scoring_programs(q.device)))
     out, scr_p, scr_m, queue = scoring_buffers(plan, hq, nprog, q.device, out, workspace)
-    if tma is None:  # a plan that copies no keys has no whole tiles to read through TMA
-        tma = plan.key_copy_rows > 0 and tma_supported(q, kv_cache)
-    if tma:
-        key_copy = copy_keys(kv_cache, block_table, plan, out=key_copy)
+    direct = plan.key_copy_rows == 0 and direct_keys_usable(keys, q, plan)
+    if tma is None:  # TMA needs keys in TMA boxes: the plan's copy, or the step's own keys
+        tma = (plan.key_copy_rows > 0 or direct) and tma_supported(q, kv_cache)
+    if tma and direct:
+        tma_keys, key_offset = keys, plan.direct_key_offset
+    elif tma:
+        tma_keys = copy_keys(kv_cache, block_table, plan, out=key_copy).view(-1, hkv, d)
+        key_offset = plan.key_offset
     else:
-        key_copy = q  # unused
+        tma_keys, key_offset = q, plan.key_offset  # unused
     kw = {"num_warps": num_warps or _default_warps(plan.block_m * plan.block_n),
           "num_stages": num_stages or _default_stages(plan.block_m, plan.block_n, block_d, q.element_size())}
     # only the TMA variant makes descriptors; the masked one needs no allocator
     with _descriptor_scratch(q.device) if tma else contextlib.nullcontext():
         _score_kernel[(nprog,)](
-            q, kv_cache, key_copy, block_table, out, scr_p, scr_m, plan.tiles, plan.req_meta,
-            plan.key_offset, queue,
+            q, kv_cache, tma_keys, block_table, out, scr_p, scr_m, plan.tiles, plan.req_meta,
+            key_offset, queue,
             n_work, hq, hq // hkv,
             q.stride(0), q.stride(1), q.stride(2),
             kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
             block_table.stride(0),
             out.stride(0), out.stride(1),
-            plan.max_key_tiles, scoring_qk_scale(d, S), -(-q.shape[0] // S), -(-key_copy.shape[0] // S),
+            plan.max_key_tiles, scoring_qk_scale(d, S), -(-q.shape[0] // S), -(-tma_keys.shape[0] // S),
+            tma_keys.stride(0), tma_keys.stride(1),
             S=S, D=d, BLOCK_D=block_d, B=B, PAGE=page,
             BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
             PREC="ieee" if q.dtype == torch.float32 else "tf32",
@@ -356,6 +365,20 @@ def antidiagonal_scores_paged(
             TMA=tma, **kw,
         )
     return out
+
+
+def direct_keys_usable(keys: Tensor | None, q: Tensor, plan: XAttnPlan) -> bool:
+    """Whether scoring's TMA loads can read ``keys`` (q's tokens' own keys) instead of a copy of the
+    cache: some request of the plan has no context and a whole tile (``plan.direct_key_requests``),
+    and ``keys`` is [T, Hkv, D] like q's rows, in q's dtype, with a contiguous head dim and 16-byte
+    aligned base and strides (TMA's rules)."""
+    if keys is None or plan.direct_key_requests == 0:
+        return False
+    if keys.dim() != 3 or keys.shape[0] != q.shape[0] or keys.shape[2] != q.shape[2] or keys.dtype != q.dtype:
+        return False
+    size = keys.element_size()
+    return (keys.stride(2) == 1 and keys.data_ptr() % 16 == 0
+            and (keys.stride(0) * size) % 16 == 0 and (keys.stride(1) * size) % 16 == 0)
 
 
 def tma_supported(q: Tensor, kv_cache: Tensor) -> bool:

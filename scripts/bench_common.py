@@ -93,6 +93,19 @@ def contiguous_kv(kv_cache, block_table, seq_lens):
     return torch.cat(ks), torch.cat(vs)
 
 
+def step_keys(kv_cache, block_table, cu_q, seq_lens, num_q_heads):
+    """The keys of the queries' own tokens as an attention layer receives them: a [T, Hkv, D] view
+    into a fused q / k / v projection output (token stride (Hq + 2 Hkv) * D)."""
+    k, _ = contiguous_kv(kv_cache, block_table, seq_lens)
+    cu_k = [0] + seq_lens.cumsum(0).tolist()
+    cq = cu_q.tolist()
+    hkv, d = k.shape[1], k.shape[2]
+    qkv = torch.zeros(cq[-1], num_q_heads + 2 * hkv, d, dtype=k.dtype, device=k.device)
+    for r in range(len(cq) - 1):
+        qkv[cq[r]:cq[r + 1], num_q_heads:num_q_heads + hkv] = k[cu_k[r + 1] - (cq[r + 1] - cq[r]):cu_k[r + 1]]
+    return qkv[:, num_q_heads:num_q_heads + hkv]
+
+
 def dense_fa3(q, kv_cache, block_table, cu_q, seq_lens, out=None):
     """vLLM's FA3 varlen over the paged cache, causal (the stock FLASH_ATTN prefill)."""
     from vllm.vllm_flash_attn import flash_attn_varlen_func

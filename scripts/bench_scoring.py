@@ -20,7 +20,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (  # noqa: E402
-    SHAPES, contiguous_kv, dense_fa3, line_plot, paged_inputs, time_interleaved, write_records,
+    SHAPES, contiguous_kv, dense_fa3, line_plot, paged_inputs, step_keys, time_interleaved, write_records,
 )
 
 from vllm_xattn import reference as ref  # noqa: E402
@@ -30,11 +30,12 @@ from vllm_xattn.kernels import (  # noqa: E402
 )
 
 
-def pipeline(q, kv_cache, block_table, plan, *, threshold, tiles=None):
+def pipeline(q, kv_cache, block_table, plan, *, threshold, tiles=None, keys=None):
     """The per-layer work as serving runs it: what serving makes once per step or once per
     process (the thresholds tensor, the mini-requests' query offsets, the page-table buffer)
-    is made here once, outside the timed calls."""
-    kw = tiles or {}
+    is made here once, outside the timed calls. ``keys``: the layer's new keys, which serving
+    hands to scoring (requests without context read them through TMA unless the plan copies)."""
+    kw = dict(tiles or {}, keys=keys)
     hq = q.shape[1]
     tau = torch.full((hq,), threshold, dtype=torch.float32, device=q.device)
     cu = plan.mini_cu_seqlens_q(hq).to(q.device)
@@ -58,14 +59,23 @@ def pipeline(q, kv_cache, block_table, plan, *, threshold, tiles=None):
     return scoring, run, select, lists
 
 
-def check_against_reference(shape, seq_lens, query_lens, stride, threshold, log):
-    """Scores (fp32 tolerance) and selections (exact but for near-ties) vs the reference."""
+def serving_plan(cu_q, seq_lens, stride, dims, key_copy, **tiles):
+    """The plan as the builder makes it (``key_copy`` "serving": keys copied from
+    ``key_copy_min_len``) or with every request's keys copied ("all")."""
+    min_len = (key_copy_min_len(stride, dims["num_q_heads"], dims["num_kv_heads"])
+               if key_copy == "serving" else 0)
+    return plan_prefill(cu_q, seq_lens, block_size=128, stride=stride, key_copy_min_len=min_len, **tiles)
+
+
+def check_against_reference(shape, seq_lens, query_lens, stride, threshold, log, key_copy="serving"):
+    """Scores (fp32 tolerance) and selections (exact but for near-ties) vs the reference, through
+    the path the timed cases take (``serving_plan``, the step's own keys)."""
     dims = SHAPES[shape]
     q, kv, bt, cu_q, sl = paged_inputs(seq_lens, query_lens, **dims, seed=1)
     k, _ = contiguous_kv(kv, bt, sl)
     cu_k = torch.tensor([0] + sl.cumsum(0).tolist(), dtype=torch.int32)
-    plan = plan_prefill(cu_q, sl, block_size=128, stride=stride).to("cuda")
-    a = antidiagonal_scores_paged(q, kv, bt, plan)
+    plan = serving_plan(cu_q, sl, stride, dims, key_copy).to("cuda")
+    a = antidiagonal_scores_paged(q, kv, bt, plan, keys=step_keys(kv, bt, cu_q, sl, dims["num_q_heads"]))
     got = unpack_scores(a, plan)
     want = ref.antidiagonal_block_scores(q, k, cu_q.cuda(), cu_k.cuda(), stride=stride, block_size=128)
     err = max(((g - w).abs() / (w.abs() + 1e-3)).max().item() for g, w in zip(got, want))
@@ -77,6 +87,7 @@ def check_against_reference(shape, seq_lens, query_lens, stride, threshold, log)
     diff_rows = sum((m.cpu() != r.cpu()).any(-1).sum().item() for m, r in zip(sel, sel_ref))
     same_input_diff = sum((m.cpu() != r).any(-1).sum().item() for m, r in zip(sel, sel_same))
     res = dict(shape=shape, seq_lens=seq_lens, query_lens=query_lens, stride=stride,
+               keys_copied=plan.key_copy_rows > 0, direct_key_requests=plan.direct_key_requests,
                max_rel_score_err=err, selection_rows=rows,
                rows_differing_from_reference=diff_rows,
                rows_differing_on_same_scores=same_input_diff)
@@ -142,8 +153,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per case")
     ap.add_argument("--key-copy", choices=["serving", "all"], default="serving",
                     help="which requests scoring copies keys for (its TMA path): as the XATTN builder "
-                         "plans (from key_copy_min_len keys; the default), or every one with a whole tile "
-                         "(the 0f754a6 run)")
+                         "plans (from key_copy_min_len keys; the default; a step that copies none reads "
+                         "the keys of requests without context from the layer's own keys, as serving "
+                         "does), or every one with a whole tile (the 0f754a6 run)")
     args = ap.parse_args()
     out = Path(args.out)
     log_lines = []
@@ -156,10 +168,11 @@ def main():
     if not args.skip_check:
         for shape in args.shapes:
             for stride in args.strides:
-                checks.append(check_against_reference(shape, [8192], [8192], stride, args.threshold, log))
+                checks.append(check_against_reference(shape, [8192], [8192], stride, args.threshold, log,
+                                                      args.key_copy))
                 # several requests, context before the queries, partial blocks
                 checks.append(check_against_reference(shape, [5000, 9000, 3333], [5000, 2900, 1000],
-                                                      stride, args.threshold, log))
+                                                      stride, args.threshold, log, args.key_copy))
 
     tiles = {}
     tuning = {}
@@ -177,17 +190,16 @@ def main():
         dims = SHAPES[shape]
         q, kv, bt, cu_q, sl = paged_inputs(seq_lens, query_lens, **dims)
         dense = dense_fa3(q, kv, bt, cu_q, sl)
+        keys = step_keys(kv, bt, cu_q, sl, dims["num_q_heads"])
         for stride in args.strides:
             best = tiles.get((shape, stride)) or {}
             t0 = time.perf_counter()
-            min_len = (key_copy_min_len(stride, dims["num_q_heads"], dims["num_kv_heads"])
-                       if args.key_copy == "serving" else 0)
-            plan = plan_prefill(cu_q, sl, block_size=128, stride=stride, key_copy_min_len=min_len,
-                                block_m=best.get("block_m"), block_n=best.get("block_n")).to(q.device)
+            plan = serving_plan(cu_q, sl, stride, dims, args.key_copy, block_m=best.get("block_m"),
+                                block_n=best.get("block_n")).to(q.device)
             plan_ms = (time.perf_counter() - t0) * 1e3
             launch = {k: best[k] for k in ("num_warps", "num_stages", "block_d") if k in best}
             scoring, run, select, make_lists = pipeline(q, kv, bt, plan, threshold=args.threshold,
-                                                        tiles=launch)
+                                                        tiles=launch, keys=keys)
             lists, counts = run()
             cand = plan.causal_blocks() * dims["num_q_heads"]
             density = counts.sum().item() / cand
@@ -210,13 +222,14 @@ def main():
                        selection_ms=select_ms, page_lists_ms=lists_ms, density=density,
                        plan_host_ms=plan_ms, rounds=args.rounds, round_ms=times,
                        key_copy=args.key_copy, keys_copied=plan.key_copy_rows > 0,
+                       direct_key_requests=0 if plan.key_copy_rows else plan.direct_key_requests,
                        tiles=dict(block_m=plan.block_m, block_n=plan.block_n, **launch), **dims)
             records.append(rec)
             log(f"{shape:13s} N={seq_lens[0]:6d}x{len(seq_lens)} S={stride:2d}: xattn {ms:8.3f} ms "
                 f"(scoring {score_ms:8.3f}, selection {select_ms:.3f}, lists {lists_ms:.3f}) dense {dense_ms:8.3f} ms ratio {rec['ratio']:.3f} "
                 f"density {density:.3f}")
             del lists, a, counts, ids
-        del q, kv
+        del q, kv, keys
         torch.cuda.empty_cache()
 
     cmd = "python scripts/bench_scoring.py " + " ".join(sys.argv[1:])

@@ -153,8 +153,8 @@ def dispatch(monkeypatch):
     impl._layer_checked = True  # skip the per-layer setup (needs a GPU layer)
 
     class FakeSparse:
-        def run(self, query, kv_cache, step, output, pool):
-            rec.calls.append(("sparse", step, output.shape))
+        def run(self, query, kv_cache, step, output, pool, keys=None):
+            rec.calls.append(("sparse", step, output.shape, keys))
 
     monkeypatch.setattr(type(impl), "_scratch", lambda self, query: rec.calls.append(("scratch",)))
     return impl, FakeSparse(), rec
@@ -171,11 +171,13 @@ def test_forward_sparse_step_runs_dense_prefix_then_sparse(dispatch):
     impl._sparse = sparse
     dense, step = _fa_metadata(num_actual_tokens=4), object()
     full = XAttentionMetadata(**dataclasses.asdict(_fa_metadata()), dense=dense, sparse=step)
-    impl.forward(attn_metadata=full, **_args())
+    args = _args()
+    impl.forward(attn_metadata=full, **args)
     assert rec.calls[0] == ("fa", dense)  # stock FA on the dense prefix, its own metadata
     assert rec.calls[1] == ("scratch",)
     assert rec.calls[2][0] == "sparse" and rec.calls[2][1] is step
     assert rec.calls[2][2] == (10, 8, 64)  # output viewed per head
+    assert rec.calls[2][3] is args["key"]  # the layer's new keys go to scoring (direct TMA keys)
     assert len(rec.calls) == 3
 
 
@@ -211,7 +213,7 @@ def test_density_log_records_sparse_layers_and_flushes_per_step(dispatch, monkey
     counts = torch.arange(16, dtype=torch.int32).view(8, 2)  # 8 q heads x 2 query blocks
 
     class CountingSparse:
-        def run(self, query, kv_cache, step, output, pool):
+        def run(self, query, kv_cache, step, output, pool, keys=None):
             return counts
 
     impl._sparse, impl._layer_index, impl._head_offset = CountingSparse(), 5, 8  # TP rank 1

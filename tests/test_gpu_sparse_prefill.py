@@ -282,7 +282,8 @@ def test_warm_up_leaves_nothing_to_compile_for_serving(monkeypatch, executor, gr
                                 key_copy_capacity=key_copy_capacity(max_len), key_copy_min_len=min_len)
             step = SparseStep.from_host_plan(plan, block_table=bt, tok_start=0, tok_end=int(cu_q[-1]),
                                              selection_heads=sel_heads, device="cuda", executor=ex)
-            qv = torch.randn(q.shape[0], (hq + 2 * hkv) * d, device="cuda").to(torch.bfloat16)[:, : hq * d]
-            sp.run(qv.view(-1, hq, d), kv_cache, step, torch.empty_like(q), pool)
+            qkv = torch.randn(q.shape[0], (hq + 2 * hkv) * d, device="cuda").to(torch.bfloat16)
+            keys = qkv[:, hq * d:(hq + hkv) * d].view(-1, hkv, d)  # a fresh prompt's scoring reads these
+            sp.run(qkv[:, : hq * d].view(-1, hq, d), kv_cache, step, torch.empty_like(q), pool, keys=keys)
     torch.cuda.synchronize()
     assert compiled == [], f"compiled during serving: {compiled}"

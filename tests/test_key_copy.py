@@ -163,7 +163,7 @@ def test_key_copy_min_len_follows_the_measured_break_even():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_sparse_path_takes_tma_only_in_steps_that_copy_keys(device):
+def test_sparse_path_takes_tma_only_in_steps_that_copy_keys_or_have_their_keys(device):
     from vllm_xattn.backends.sparse_prefill import ScratchPool, SparsePrefill
     from vllm_xattn.config import XAttnConfig
 
@@ -177,8 +177,13 @@ def test_sparse_path_takes_tma_only_in_steps_that_copy_keys(device):
     copies = plan_prefill(cu, lens, **kw)
     none = plan_prefill(cu, lens, key_copy_min_len=10**6, **kw)
     assert copies.key_copy_rows > 0 and none.key_copy_rows == 0
-    assert SparsePrefill._tma(q, kv, copies, pool, None) and not SparsePrefill._tma(q, kv, none, pool, None)
-    assert SparsePrefill._tma(q, kv, none, pool, True) and not SparsePrefill._tma(q, kv, copies, pool, False)
+    assert SparsePrefill._tma(q, kv, None, copies, pool, None) and not SparsePrefill._tma(q, kv, None, none, pool, None)
+    assert SparsePrefill._tma(q, kv, None, none, pool, True) and not SparsePrefill._tma(q, kv, None, copies, pool, False)
+    # a step that copies nothing reads a request's own keys where it has no context
+    keys, small_tiles = _step_keys(p, q.shape[1]), _no_copy_plan(p)
+    assert none.direct_key_requests == 0 and not SparsePrefill._tma(q, kv, keys, none, pool, None)
+    assert small_tiles.direct_key_requests == 1 and SparsePrefill._tma(q, kv, keys, small_tiles, pool, None)
+    assert not SparsePrefill._tma(q, kv, keys, small_tiles, pool, False)
 
 
 def test_builder_plan_carries_the_key_copy_bounds():
@@ -192,3 +197,82 @@ def test_builder_plan_carries_the_key_copy_bounds():
     first, plan = plan_sparse_suffix(qsl, lens, cfg, block_m=16, block_n=16, key_copy_capacity=1000,
                                      key_copy_min_len=300)
     assert first == 2 and plan.key_offset.tolist() == [0, -1] and plan.key_copy_rows == 400
+
+
+def _step_keys(p, hq):
+    """The keys of q's own tokens, as a layer gets them: a [T, Hkv, D] view into a fused
+    q / k / v projection output (token stride (Hq + 2 Hkv) * D)."""
+    k, cu_q, cu_k = p["k"], p["cu_q"].tolist(), p["cu_k"].tolist()
+    T, hkv, d = cu_q[-1], k.shape[1], k.shape[2]
+    qkv = torch.full((T, hq + 2 * hkv, d), float("nan"), dtype=p["q"].dtype)
+    for r in range(len(cu_q) - 1):
+        tq = cu_q[r + 1] - cu_q[r]
+        qkv[cu_q[r]:cu_q[r + 1], hq:hq + hkv] = k[cu_k[r + 1] - tq:cu_k[r + 1]]
+    return qkv.to(p["kv"].device)[:, hq:hq + hkv]
+
+
+def _no_copy_plan(p):
+    lens = (p["cu_k"][1:] - p["cu_k"][:-1]).tolist()
+    plan = p["plan"]
+    return plan_prefill(p["cu_q"], lens, block_size=p["B"], stride=p["S"], block_m=plan.block_m,
+                        block_n=plan.block_n, key_copy_min_len=10**9).to(p["kv"].device)
+
+
+def test_plan_offsets_direct_keys_of_requests_without_context():
+    kw = dict(block_size=64, stride=4, block_m=16, block_n=16)
+    # request 0 has context, request 1 (64 keys, all its own) one whole tile, request 2 context
+    plan = plan_prefill([0, 300, 364, 374], [400, 64, 5000], **kw)
+    assert plan.direct_key_offset.tolist() == [-1, 300, -1] and plan.direct_key_requests == 1
+    # no key tile is whole below block_n * S keys (16 * 4 = 64): nothing to read through TMA
+    plan = plan_prefill([0, 48], [48], **kw)
+    assert plan.direct_key_offset.tolist() == [-1] and plan.direct_key_requests == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_direct_keys_match_the_masked_loads_and_the_reference(device):
+    """A step that copies no keys: the request without context reads its whole tiles' keys from
+    the layer's own (strided) keys through TMA, the others the paged cache; same scores."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    p = make_problem(_tma_case(device), device, dtype=dtype, qscale=1.0)
+    q, plan = p["q"].to(device), _no_copy_plan(p)
+    keys = _step_keys(p, q.shape[1])
+    assert plan.key_copy_rows == 0 and plan.direct_key_requests == 1 and keys.stride(0) != keys.shape[1] * keys.shape[2]
+    got = antidiagonal_scores_paged(q, p["kv"], p["bt"], plan, keys=keys)
+    masked = antidiagonal_scores_paged(q, p["kv"], p["bt"], plan, tma=False)
+    torch.testing.assert_close(got, masked, rtol=1e-5, atol=1e-7)
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-3, atol=1e-4)
+    for a, r in zip(unpack_scores(got.cpu(), plan), ref_scores(p)):
+        torch.testing.assert_close(a, r, **tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_direct_keys_are_read_for_requests_without_context_only(device):
+    """With the layer's keys zeroed, only the context-free request's scores change: its whole
+    tiles read them; the requests with context read the cache."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    p = make_problem(_tma_case(device), device, dtype=dtype, qscale=1.0)
+    q, plan = p["q"].to(device), _no_copy_plan(p)
+    keys = _step_keys(p, q.shape[1])
+    want = unpack_scores(antidiagonal_scores_paged(q, p["kv"], p["bt"], plan, keys=keys).cpu(), plan)
+    got = unpack_scores(antidiagonal_scores_paged(q, p["kv"], p["bt"], plan, keys=torch.zeros_like(keys)).cpu(), plan)
+    direct = [x >= 0 for x in plan.direct_key_offset.tolist()]
+    assert direct.count(True) == 1
+    for g, w, d in zip(got, want, direct):
+        assert torch.equal(g, w) != d
+
+
+def test_direct_keys_need_q_s_rows_dtype_and_tma_alignment():
+    from vllm_xattn.kernels.scoring import direct_keys_usable
+
+    p = make_problem(_tma_case("cpu"), "cpu")
+    q, plan = p["q"], _no_copy_plan(p)
+    keys = _step_keys(p, q.shape[1])
+    assert direct_keys_usable(keys, q, plan)
+    assert not direct_keys_usable(None, q, plan)
+    shifted = torch.empty(keys.shape[0] * keys.stride(0) + 1)[1:].view(keys.shape[0], -1, keys.shape[2])
+    assert not direct_keys_usable(shifted[:, : keys.shape[1]], q, plan)  # base off by 4 bytes
+    assert not direct_keys_usable(keys[:-1], q, plan)  # not one key per query row
+    assert not direct_keys_usable(keys.double(), q, plan)
+    assert not direct_keys_usable(keys.transpose(1, 2).contiguous().transpose(1, 2), q, plan)  # head dim strided
+    no_direct = plan_prefill([0, 100], [500], block_size=p["B"], stride=p["S"])
+    assert no_direct.direct_key_requests == 0 and not direct_keys_usable(keys[:100], q[:100], no_direct)
