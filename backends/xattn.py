@@ -127,10 +127,12 @@ class XAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
                if torch.device(device).type == "cuda" else 0)
         self._min_tiles = min_scoring_tiles(sms, self.num_heads_q) if sms else 0
         # Scoring copies a request's keys for its TMA loads (kernels/key_copy.py) from the length
-        # where that saves GPU time, within room for one max_model_len request.
+        # where that saves GPU time, within room for one max_model_len request; a request without
+        # context reads the layer's new keys instead (forward hands them over), no copy.
         self._key_copy = dict(
             key_copy_capacity=key_copy_capacity(vllm_config.model_config.max_model_len),
-            key_copy_min_len=key_copy_min_len(self.xattn.stride, self.num_heads_q, self.num_heads_kv))
+            key_copy_min_len=key_copy_min_len(self.xattn.stride, self.num_heads_q, self.num_heads_kv),
+            direct_keys=True)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> FlashAttentionMetadata:

@@ -184,6 +184,7 @@ def plan_prefill(
     key_copy_capacity: int | None = None,
     key_copy_min_tiles: int = 1,
     key_copy_min_len: int = 0,
+    direct_keys: bool = False,
 ) -> XAttnPlan:
     """Plan a varlen prefill batch. ``cu_seqlens_q`` [R+1] and ``seq_lens`` [R] (total keys N
     per request) are CPU ints. ``block_m``/``block_n`` (scoring tile sizes in super-tokens)
@@ -194,7 +195,10 @@ def plan_prefill(
     ``key_copy_capacity``: rows of the scoring kernel's key copy (None: unbounded). A request's
     keys are copied if it has at least ``key_copy_min_tiles`` whole scoring tiles (every row's
     S tokens inside its query) and ``key_copy_min_len`` keys, longest request first while the
-    copy has room (``key_copy_min_len``: see ``key_copy.key_copy_min_len``)."""
+    copy has room (``key_copy_min_len``: see ``key_copy.key_copy_min_len``). ``direct_keys``: the
+    caller hands scoring the step's own keys, which a request without context reads instead of a
+    copy (``direct_key_offset``), so such a request is copied only in a step that copies a request
+    with context anyway (one key source per launch)."""
     B, S = block_size, stride
     if B % S:
         raise ValueError(f"stride {S} must divide block_size {B}")
@@ -241,9 +245,12 @@ def plan_prefill(
         off += n_qb
     order = sorted(range(len(tiles)), key=lambda t: -costs[t])  # longest first: balance
     key_offset, rows = [-1] * R, 0
-    for r in sorted(range(R), key=lambda r: -ns[r]):
-        if (whole[r] >= key_copy_min_tiles and ns[r] >= key_copy_min_len
-                and (key_copy_capacity is None or rows + ns[r] <= key_copy_capacity)):
+    copied = [r for r in sorted(range(R), key=lambda r: -ns[r])
+              if whole[r] >= key_copy_min_tiles and ns[r] >= key_copy_min_len]
+    if direct_keys and all(req[r][1] == 0 for r in copied):
+        copied = []
+    for r in copied:
+        if key_copy_capacity is None or rows + ns[r] <= key_copy_capacity:
             key_offset[r], rows = rows, rows + ns[r]
     # Direct keys need no copy, so any request with a whole tile (query rows and a key tile) gains.
     direct = [req[r][0] if req[r][1] == 0 and whole[r] and ns[r] >= block_n * S else -1 for r in range(R)]

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (  # noqa: E402
-    SHAPES, captured_layers, causal_flops, dense_fa3, line_plot, paged_inputs, shape_name,
+    SHAPES, captured_layers, causal_flops, dense_fa3, line_plot, paged_inputs, shape_name, step_keys,
     time_interleaved, write_records,
 )
 
@@ -35,7 +35,8 @@ from vllm_xattn.backends.executors import FA3, FlashInferExecutor  # noqa: E402
 from vllm_xattn.backends.sparse_prefill import ScratchPool, SparsePrefill, SparseStep  # noqa: E402
 from vllm_xattn.config import XAttnConfig  # noqa: E402
 from vllm_xattn.kernels import (  # noqa: E402
-    antidiagonal_scores_paged, build_page_lists, plan_prefill, select_blocks_packed,
+    antidiagonal_scores_paged, build_page_lists, key_copy_capacity, key_copy_min_len, plan_prefill,
+    select_blocks_packed,
 )
 
 
@@ -60,7 +61,11 @@ def bench_inputs(q, kv, bt, cu_q, sl, *, shape: str, inputs: str, settings: list
     records = []
     dense = dense_fa3(q, kv, bt, cu_q, sl)
     dense_fl = causal_flops([n], [n], hq, d)
-    host_plan = plan_prefill(cu_q, sl, block_size=128, stride=args.stride)
+    # as the builder plans (keys copied from key_copy_min_len), with the layer's new keys handed
+    # to scoring as serving does: a fresh prompt's whole tiles read them through TMA
+    host_plan = plan_prefill(cu_q, sl, block_size=128, stride=args.stride, key_copy_capacity=key_copy_capacity(n),
+                             key_copy_min_len=key_copy_min_len(args.stride, hq, hkv), direct_keys=True)
+    keys = step_keys(kv, bt, cu_q, sl, hq)
     pool = ScratchPool(max_tokens=n, max_reqs=1, max_seq_len=n, num_q_heads=hq, head_dim=d,
                        dtype=q.dtype, cfg=XAttnConfig(stride=args.stride), page_size=args.page_size,
                        device=q.device, executor="flashinfer" if "flashinfer" in args.executor else "fa3",
@@ -98,10 +103,10 @@ def bench_inputs(q, kv, bt, cu_q, sl, *, shape: str, inputs: str, settings: list
                                                 num_kv_heads=hkv), group, d)
         for name, step in steps.items():
             o = torch.empty_like(q)
-            density = int(sp.run(q, kv, step, o, pool).sum()) / cand
+            density = int(sp.run(q, kv, step, o, pool, keys=keys).sum()) / cand
 
-            def run_layer(q=q, kv=kv, step=step, o=o, pool=pool):  # bound now: the loop del's them later
-                return sp.run(q, kv, step, o, pool)
+            def run_layer(q=q, kv=kv, step=step, o=o, pool=pool, keys=keys):  # bound now: the loop del's them later
+                return sp.run(q, kv, step, o, pool, keys=keys)
 
             # The executor's kernels alone on the same page lists (built before each launch),
             # the whole layer and dense FA3, timed in interleaved rounds.

@@ -61,10 +61,12 @@ def pipeline(q, kv_cache, block_table, plan, *, threshold, tiles=None, keys=None
 
 def serving_plan(cu_q, seq_lens, stride, dims, key_copy, **tiles):
     """The plan as the builder makes it (``key_copy`` "serving": keys copied from
-    ``key_copy_min_len``) or with every request's keys copied ("all")."""
-    min_len = (key_copy_min_len(stride, dims["num_q_heads"], dims["num_kv_heads"])
-               if key_copy == "serving" else 0)
-    return plan_prefill(cu_q, seq_lens, block_size=128, stride=stride, key_copy_min_len=min_len, **tiles)
+    ``key_copy_min_len``, a request without context reading the layer's own keys) or with every
+    request's keys copied ("all")."""
+    serving = key_copy == "serving"
+    min_len = key_copy_min_len(stride, dims["num_q_heads"], dims["num_kv_heads"]) if serving else 0
+    return plan_prefill(cu_q, seq_lens, block_size=128, stride=stride, key_copy_min_len=min_len,
+                        direct_keys=serving, **tiles)
 
 
 def check_against_reference(shape, seq_lens, query_lens, stride, threshold, log, key_copy="serving"):

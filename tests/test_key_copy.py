@@ -226,6 +226,14 @@ def test_plan_offsets_direct_keys_of_requests_without_context():
     # no key tile is whole below block_n * S keys (16 * 4 = 64): nothing to read through TMA
     plan = plan_prefill([0, 48], [48], **kw)
     assert plan.direct_key_offset.tolist() == [-1] and plan.direct_key_requests == 0
+    # direct_keys (the builder: scoring gets the step's keys): a step whose copies would all be
+    # of requests without context copies nothing; one that copies a request with context anyway
+    # copies them too (one key source per launch)
+    plan = plan_prefill([0, 64, 128], [64, 64], direct_keys=True, **kw)
+    assert plan.key_copy_rows == 0 and plan.direct_key_offset.tolist() == [0, 64]
+    assert plan_prefill([0, 64, 128], [64, 64], **kw).key_offset.tolist() == [0, 64]
+    plan = plan_prefill([0, 300, 364, 374], [400, 64, 5000], direct_keys=True, **kw)
+    assert plan.key_offset.tolist() == [0, 400, -1]
 
 
 @pytest.mark.parametrize("device", DEVICES)
