@@ -180,10 +180,10 @@ def test_sparse_path_takes_tma_only_in_steps_that_copy_keys_or_have_their_keys(d
     assert SparsePrefill._tma(q, kv, None, copies, pool, None) and not SparsePrefill._tma(q, kv, None, none, pool, None)
     assert SparsePrefill._tma(q, kv, None, none, pool, True) and not SparsePrefill._tma(q, kv, None, copies, pool, False)
     # a step that copies nothing reads a request's own keys where it has no context
-    keys, small_tiles = _step_keys(p, q.shape[1]), _no_copy_plan(p)
-    assert none.direct_key_requests == 0 and not SparsePrefill._tma(q, kv, keys, none, pool, None)
-    assert small_tiles.direct_key_requests == 1 and SparsePrefill._tma(q, kv, keys, small_tiles, pool, None)
-    assert not SparsePrefill._tma(q, kv, keys, small_tiles, pool, False)
+    keys, no_copy = _step_keys(p, q.shape[1]), _no_copy_plan(p)
+    assert no_copy.direct_key_requests == 1 and SparsePrefill._tma(q, kv, keys, no_copy, pool, None)
+    assert not SparsePrefill._tma(q, kv, None, no_copy, pool, None)  # no keys handed over
+    assert not SparsePrefill._tma(q, kv, keys, no_copy, pool, False)
 
 
 def test_builder_plan_carries_the_key_copy_bounds():
