@@ -59,7 +59,7 @@ def host_to_device(tensors: list[Tensor | None], device) -> list[Tensor | None]:
 
 @dataclass(frozen=True)
 class XAttnPlan:
-    # Scoring tiles tuned on the H100 (benchmarks/results/scoring_h100_checks.json): 128 x 256
+    # Scoring tiles tuned on the H100 (benchmarks/results/scoring_tune_h100_checks.json): 128 x 256
     # super-token tiles load the fewest bytes from L2 per FLOP that still fit 4 stages.
     DEFAULT_BLOCK_M: ClassVar[int] = 128
     DEFAULT_BLOCK_N: ClassVar[int] = 256
