@@ -29,7 +29,6 @@ from vllm_xattn.kernels import (
     select_blocks_packed,
     tma_device,
 )
-from vllm_xattn.kernels.scoring import direct_keys_usable, tma_supported
 from vllm_xattn.kernels.plan import _ints
 
 logger = init_logger("vllm.xattn")
@@ -210,18 +209,13 @@ class SparsePrefill:
         self.thresholds = thresholds  # [Hq] float32 on the device, or None (cfg.threshold)
 
     @staticmethod
-    def _tma(q, kv_cache, keys, plan: XAttnPlan, pool: ScratchPool, tma: bool | None) -> bool:
-        """Scoring through TMA: in a step that copies keys, only into the pool's key copy; in
-        one that does not, by default where the step's own keys serve (``direct_keys_usable``:
-        a request with no context), else not at all (TMA would only add host time); forced on
-        (the warm-up) it compiles and runs the TMA variant either way."""
-        if not tma_supported(q, kv_cache):
+    def _tma(plan: XAttnPlan, pool: ScratchPool, tma: bool | None) -> bool | None:
+        """Scoring's ``tma`` argument: off in a step whose key copy the pool has no room for (a plan
+        made without the builder's bound: scoring reads the paged cache), else ``tma`` (None:
+        scoring's own rule, ``tma_key_source``)."""
+        if plan.key_copy_rows > 0 and not pool.key_copy_fits(plan):
             return False
-        if plan.key_copy_rows > 0:
-            usable, default = pool.key_copy_fits(plan), True
-        else:  # nothing to copy: no room needed in the pool
-            usable, default = True, direct_keys_usable(keys, q, plan)
-        return usable and (default if tma is None else tma)
+        return tma
 
     def _tau(self, device) -> torch.Tensor:
         if self.thresholds is None:  # made once, not in every forward
@@ -248,7 +242,7 @@ class SparsePrefill:
         scores = pool.scores[:, : plan.total_q_blocks, : plan.max_kb]
         a = antidiagonal_scores_paged(q, kv_cache, step.block_table, plan, out=scores,
                                       workspace=pool.workspace, num_programs=pool.num_programs,
-                                      key_copy=pool.keys, keys=k, tma=self._tma(q, kv_cache, k, plan, pool, tma))
+                                      key_copy=pool.keys, keys=k, tma=self._tma(plan, pool, tma))
         counts, ids = select_blocks_packed(
             a, plan, mode=cfg.selection,
             threshold=self._tau(q.device),

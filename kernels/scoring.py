@@ -317,8 +317,8 @@ def antidiagonal_scores_paged(
     keys: optional [T, Hkv, D] keys of q's own tokens (the layer's new keys, row i = token i; any
     token and head strides): the whole tiles of requests with no context read them through TMA,
     with no copy (``direct_keys_usable``).
-    tma: whole tiles through TMA (default: where ``tma_supported`` and the plan copies keys, else
-    where ``keys`` serve); False: masked loads only. A plan that copies keys reads the copy.
+    tma: whole tiles through TMA, from the keys that ``tma_key_source`` picks (None: where they
+    are in TMA boxes; False: masked loads only; True: also without, for the warm-up).
     """
     check_scoring_inputs(q, kv_cache, block_table, plan)
     _, hq, d = q.shape
@@ -334,16 +334,15 @@ def antidiagonal_scores_paged(
     n_work = plan.num_tiles * hq
     nprog = num_programs or max(1, min(n_work, scoring_programs(q.device)))
     out, scr_p, scr_m, queue = scoring_buffers(plan, hq, nprog, q.device, out, workspace)
-    direct = plan.key_copy_rows == 0 and direct_keys_usable(keys, q, plan)
-    if tma is None:  # TMA needs keys in TMA boxes: the plan's copy, or the step's own keys
-        tma = (plan.key_copy_rows > 0 or direct) and tma_supported(q, kv_cache)
-    if tma and direct:
+    source = tma_key_source(q, kv_cache, plan, keys, tma)
+    if source == "direct":
         tma_keys, key_offset = keys, plan.direct_key_offset
-    elif tma:
+    elif source == "copy":
         tma_keys = copy_keys(kv_cache, block_table, plan, out=key_copy).view(-1, hkv, d)
         key_offset = plan.key_offset
     else:
         tma_keys, key_offset = q, plan.key_offset  # unused
+    tma = source is not None
     kw = {"num_warps": num_warps or _default_warps(plan.block_m * plan.block_n),
           "num_stages": num_stages or _default_stages(plan.block_m, plan.block_n, block_d, q.element_size())}
     # only the TMA variant makes descriptors; the masked one needs no allocator
@@ -365,6 +364,21 @@ def antidiagonal_scores_paged(
             TMA=tma, **kw,
         )
     return out
+
+
+def tma_key_source(q: Tensor, kv_cache: Tensor, plan: XAttnPlan, keys: Tensor | None,
+                   tma: bool | None = None) -> str | None:
+    """Which keys scoring's whole tiles read through TMA: ``"copy"`` (the plan copies keys; one
+    key source per launch), ``"direct"`` (``keys``, for the requests without context), or None
+    (masked loads only: ``tma`` False, no ``tma_supported``, or, by default, neither source).
+    ``tma`` True runs the TMA variant even with neither (the warm-up compiles it so), as "copy"."""
+    if tma is False or not tma_supported(q, kv_cache):
+        return None
+    if plan.key_copy_rows > 0:
+        return "copy"
+    if direct_keys_usable(keys, q, plan):
+        return "direct"
+    return "copy" if tma else None
 
 
 def direct_keys_usable(keys: Tensor | None, q: Tensor, plan: XAttnPlan) -> bool:

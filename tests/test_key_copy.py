@@ -2,6 +2,7 @@
 through TMA equal to the masked loads' and the reference's (CPU under TRITON_INTERPRET=1; the
 ``gpu`` tests in bf16 on the H100, where the TMA path runs in serving)."""
 import os
+from dataclasses import replace
 
 import torch
 
@@ -21,7 +22,7 @@ from vllm_xattn.kernels import (  # noqa: E402
     unpack_scores,
 )
 from vllm_xattn.kernels import scoring  # noqa: E402
-from vllm_xattn.kernels.scoring import tma_supported  # noqa: E402
+from vllm_xattn.kernels.scoring import tma_key_source, tma_supported  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
@@ -177,13 +178,19 @@ def test_sparse_path_takes_tma_only_in_steps_that_copy_keys_or_have_their_keys(d
     copies = plan_prefill(cu, lens, **kw)
     none = plan_prefill(cu, lens, key_copy_min_len=10**6, **kw)
     assert copies.key_copy_rows > 0 and none.key_copy_rows == 0
-    assert SparsePrefill._tma(q, kv, None, copies, pool, None) and not SparsePrefill._tma(q, kv, None, none, pool, None)
-    assert SparsePrefill._tma(q, kv, None, none, pool, True) and not SparsePrefill._tma(q, kv, None, copies, pool, False)
+
+    def source(plan, keys, tma):  # what SparsePrefill.run has scoring read
+        return tma_key_source(q, kv, plan, keys, SparsePrefill._tma(plan, pool, tma))
+
+    assert source(copies, None, None) == "copy" and source(none, None, None) is None
+    assert source(none, None, True) == "copy" and source(copies, None, False) is None  # warm-up's forcing
     # a step that copies nothing reads a request's own keys where it has no context
     keys, no_copy = _step_keys(p, q.shape[1]), _no_copy_plan(p)
-    assert no_copy.direct_key_requests == 1 and SparsePrefill._tma(q, kv, keys, no_copy, pool, None)
-    assert not SparsePrefill._tma(q, kv, None, no_copy, pool, None)  # no keys handed over
-    assert not SparsePrefill._tma(q, kv, keys, no_copy, pool, False)
+    assert no_copy.direct_key_requests == 1 and source(no_copy, keys, None) == "direct"
+    assert source(no_copy, None, None) is None  # no keys handed over
+    assert source(no_copy, keys, False) is None
+    # a step whose copy the pool cannot hold reads the paged cache
+    assert SparsePrefill._tma(replace(copies, key_copy_rows=pool.keys.shape[0] + 1), pool, None) is False
 
 
 def test_builder_plan_carries_the_key_copy_bounds():
