@@ -11,7 +11,9 @@ pays from a length that ``key_copy_min_len`` gives (``benchmarks/results/scoring
 Which requests are copied, and where, is decided on the host with the plan
 (``plan_prefill``'s ``key_copy_capacity``, ``key_copy_min_tiles``, ``key_copy_min_len``):
 ``plan.key_offset[r]`` is request r's first row, -1 where its keys are not copied (its tiles
-then all take the masked loads from the cache).
+then all take the masked loads from the cache). A request without context needs no copy where
+the caller hands scoring the layer's own keys (``plan_prefill(direct_keys=True)``, the builder):
+it reads them at ``plan.direct_key_offset[r]``.
 """
 from __future__ import annotations
 

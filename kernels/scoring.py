@@ -11,13 +11,17 @@ sums the rows of each query block into A. Scores are never recomputed nor writte
 
 On Hopper the GEMM of a whole tile (every row's S tokens inside the request, every key below N)
 reads both operands through TMA: the query as 2-D rows of S tokens (a tile's Q_t rows, S tokens
-apart, are one box), the keys from a contiguous copy of the cache (``key_copy.py``; a paged
-16-token page holds one or two rows of a key box, too few for TMA). That loop issues 97
+apart, are one box), the keys likewise from token-major keys: for a request without context the
+layer's own new keys (``keys``, what vLLM hands the attention layer), else a contiguous copy of
+the cache (``key_copy.py``; a paged 16-token page holds one or two rows of a key box, too few
+for TMA); ``tma_key_source`` picks one source per launch. That loop issues 97
 instructions per 64-wide chunk where the masked pointer loop issues 167 at S=8
 (``scripts/sass_loop.py``); with the copy included, scoring took 8-14 % less GPU time at S=8
 and -5 to +2 % at S=16 on the H100 (``benchmarks/results/scoring_launch_overhead_h100.json``),
-so the plan copies keys only from ``key_copy_min_len``. The tiles at a request's edges keep the
-masked loads from the paged cache.
+so the plan copies keys only from ``key_copy_min_len``; the layer's own keys cost no copy (a
+32K prompt's pipeline: 0.086 -> 0.082 of dense FA3 at S=8, 0.050 -> 0.047 at S=16,
+``benchmarks/results/scoring_h100.json``). The tiles at a request's edges keep the masked loads
+from the paged cache.
 """
 
 from __future__ import annotations
