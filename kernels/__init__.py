@@ -1,8 +1,9 @@
 """Triton kernels of vllm-xattn: scoring, selection and page lists over vLLM's paged KV cache.
 
 Per scheduler step: ``plan = plan_prefill(...).to(device)`` (host metadata, one copy). Per layer:
-``A = antidiagonal_scores_paged(q, kv_cache, block_table, plan)`` (on Hopper it first copies the
-keys of the plan's long requests contiguously, ``copy_keys``, for its TMA loads) ->
+``A = antidiagonal_scores_paged(q, kv_cache, block_table, plan, keys=...)`` (on Hopper whole
+tiles read keys through TMA: a context-free request's own ``keys``, or a contiguous copy of the
+plan's long requests, ``copy_keys``) ->
 ``counts, ids = select_blocks_packed(A, plan, ...)`` ->
 ``lists = build_page_lists(counts, ids, block_table, kv_cache, plan)`` (padded, FA3) or
 ``build_page_csr(...)`` (CSR, FlashInfer) -> executor over ``folded_kv_views(kv_cache)``. No host synchronisation after the plan.

@@ -95,12 +95,13 @@ def contiguous_kv(kv_cache, block_table, seq_lens):
 
 def step_keys(kv_cache, block_table, cu_q, seq_lens, num_q_heads):
     """The keys of the queries' own tokens as an attention layer receives them: a [T, Hkv, D] view
-    into a fused q / k / v projection output (token stride (Hq + 2 Hkv) * D)."""
+    into a fused q / k / v projection output (token stride (Hq + 2 Hkv) * D), whose q and v
+    columns are NaN: a reader that strays outside the keys yields NaN scores."""
     k, _ = contiguous_kv(kv_cache, block_table, seq_lens)
     cu_k = [0] + seq_lens.cumsum(0).tolist()
     cq = cu_q.tolist()
     hkv, d = k.shape[1], k.shape[2]
-    qkv = torch.zeros(cq[-1], num_q_heads + 2 * hkv, d, dtype=k.dtype, device=k.device)
+    qkv = torch.full((cq[-1], num_q_heads + 2 * hkv, d), float("nan"), dtype=k.dtype, device=k.device)
     for r in range(len(cq) - 1):
         qkv[cq[r]:cq[r + 1], num_q_heads:num_q_heads + hkv] = k[cu_k[r + 1] - (cq[r + 1] - cq[r]):cu_k[r + 1]]
     return qkv[:, num_q_heads:num_q_heads + hkv]

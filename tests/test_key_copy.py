@@ -2,7 +2,9 @@
 through TMA equal to the masked loads' and the reference's (CPU under TRITON_INTERPRET=1; the
 ``gpu`` tests in bf16 on the H100, where the TMA path runs in serving)."""
 import os
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -23,6 +25,9 @@ from vllm_xattn.kernels import (  # noqa: E402
 )
 from vllm_xattn.kernels import scoring  # noqa: E402
 from vllm_xattn.kernels.scoring import tma_key_source, tma_supported  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from bench_common import step_keys  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
@@ -207,15 +212,8 @@ def test_builder_plan_carries_the_key_copy_bounds():
 
 
 def _step_keys(p, hq):
-    """The keys of q's own tokens, as a layer gets them: a [T, Hkv, D] view into a fused
-    q / k / v projection output (token stride (Hq + 2 Hkv) * D)."""
-    k, cu_q, cu_k = p["k"], p["cu_q"].tolist(), p["cu_k"].tolist()
-    T, hkv, d = cu_q[-1], k.shape[1], k.shape[2]
-    qkv = torch.full((T, hq + 2 * hkv, d), float("nan"), dtype=p["q"].dtype)
-    for r in range(len(cu_q) - 1):
-        tq = cu_q[r + 1] - cu_q[r]
-        qkv[cu_q[r]:cu_q[r + 1], hq:hq + hkv] = k[cu_k[r + 1] - tq:cu_k[r + 1]]
-    return qkv.to(p["kv"].device)[:, hq:hq + hkv]
+    """The keys of q's own tokens as a layer gets them (``bench_common.step_keys``)."""
+    return step_keys(p["kv"], p["bt"], p["cu_q"], p["cu_k"][1:] - p["cu_k"][:-1], hq)
 
 
 def _no_copy_plan(p):
