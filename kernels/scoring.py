@@ -70,64 +70,6 @@ def _masked_tile_gemm(acc, q_rows, k_cols, k_base, bt_row, rows, cols, ctx, n, o
     return acc
 
 
-# exp2 on the FMA pipe for some of a thread's scores (FlashAttention-4's trick): the softmax
-# epilogue issues one MUFU.EX2 per score, and at S=8 that queue, not the instruction issue, bounds
-# it (``scripts/sass_loop.py``: 4 instructions per score, MUFU 16 lanes per SM per clock). Of each
-# 8 consecutive scores of a thread, the first ``poly`` take 2^x = 2^j * 2^f with j = rint(x) (the
-# 1.5 * 2^23 rounding add), 2^f a degree-5 polynomial on [-0.5, 0.5] (fitted for relative error:
-# 2.1e-7 at most in fp32 Horner, MUFU.EX2's is ~2 ulp) and j added to the exponent bits. x <= 0
-# here (scores minus the running max); below -126 (a masked -inf too) the result is 0, as
-# MUFU.EX2's flushed one is.
-_EXP2_POLY_C = ("0f3AAE0472", "0f3C1E862A", "0f3D635B72", "0f3E75FC8C", "0f3F317214", "0f3F800001")
-_PACK = 8
-_EXP2_PACK = tl.constexpr(_PACK)
-# of each 8 of a thread's scores, how many the polynomial takes by default
-EXP2_POLY = 0
-
-
-def _exp2_asm(poly: int, pack: int = _PACK) -> str:
-    """PTX for ``pack`` scores ($pack.. in, $0.. out): the first ``poly`` by the polynomial."""
-    c = _EXP2_POLY_C
-    out = []
-    for i in range(pack):
-        o, x = f"${i}", f"${pack + i}"
-        if i >= poly:
-            out.append(f"ex2.approx.ftz.f32 {o}, {x};")
-            continue
-        out.append(
-            "{ .reg .f32 f, t, j, p; .reg .b32 e, b; .reg .pred z; "
-            f"add.rn.ftz.f32 t, {x}, 0f4B400000; sub.rn.ftz.f32 j, t, 0f4B400000; sub.rn.ftz.f32 f, {x}, j; "
-            f"fma.rn.ftz.f32 p, f, {c[0]}, {c[1]}; fma.rn.ftz.f32 p, p, f, {c[2]}; "
-            f"fma.rn.ftz.f32 p, p, f, {c[3]}; fma.rn.ftz.f32 p, p, f, {c[4]}; fma.rn.ftz.f32 p, p, f, {c[5]}; "
-            # t's low mantissa bits hold j (two's complement); t * 2^23 keeps just j << 23
-            "mov.b32 e, t; mov.b32 b, p; mad.lo.s32 b, e, 8388608, b; "
-            # below -126 (a masked -inf too) MUFU.EX2's ftz result is 0: the same here
-            f"setp.lt.ftz.f32 z, {x}, 0fC2FC0000; mov.b32 f, b; selp.f32 {o}, 0f00000000, f, z; }}")
-    return "\n".join(out)
-
-
-_EXP2_ASM_1 = tl.constexpr(_exp2_asm(1))
-_EXP2_ASM_2 = tl.constexpr(_exp2_asm(2))
-_EXP2_ASM_3 = tl.constexpr(_exp2_asm(3))
-_EXP2_CONSTRAINTS = tl.constexpr(",".join(["=f"] * _PACK + ["f"] * _PACK))
-
-
-@triton.jit
-def _exp2(x, POLY: tl.constexpr):
-    """exp2(x) for x <= 0, POLY of each 8 of a thread's values on the FMA pipe (0: all MUFU)."""
-    if POLY == 1:
-        return tl.inline_asm_elementwise(_EXP2_ASM_1, _EXP2_CONSTRAINTS, [x], dtype=tl.float32,
-                                         is_pure=True, pack=_EXP2_PACK)
-    elif POLY == 2:
-        return tl.inline_asm_elementwise(_EXP2_ASM_2, _EXP2_CONSTRAINTS, [x], dtype=tl.float32,
-                                         is_pure=True, pack=_EXP2_PACK)
-    elif POLY == 3:
-        return tl.inline_asm_elementwise(_EXP2_ASM_3, _EXP2_CONSTRAINTS, [x], dtype=tl.float32,
-                                         is_pure=True, pack=_EXP2_PACK)
-    else:
-        return tl.exp2(x)
-
-
 # Per-step ints (work count, key-tile bound, descriptor rows) are not specialised on, so a new batch shape
 # never triggers a recompile mid-serving; nor is the block table's row stride (vLLM's table
 # width), so the warm-up's own table compiles the same kernel (backends/warmup.py).
@@ -142,7 +84,7 @@ def _score_kernel(
     max_kt, qk_scale, q_rows_s, k_rows_s, s_ct, s_ch,
     S: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, B: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-    TMA: tl.constexpr, EXP2_POLY: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     BPS: tl.constexpr = B // S  # super-tokens per block
     NB_T: tl.constexpr = BLOCK_N // BPS  # key blocks per key tile
@@ -242,7 +184,7 @@ def _score_kernel(
             # though not measurably faster (benchmarks/results/scoring_probe6_h100.json).
             # Tile 0 holds super-column 0, visible to every row: m_i is finite from then on.
             m_new = tl.maximum(m_i, tl.max(acc, 1) * qk_scale)
-            p = _exp2(acc * qk_scale - m_new[:, None], EXP2_POLY)
+            p = tl.exp2(acc * qk_scale - m_new[:, None])
             psum = tl.sum(tl.reshape(p, (BLOCK_M, NB_T, BPS)), 2)  # per (row, key block), at m_new
             l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(psum, 1)
             m_i = m_new
@@ -365,7 +307,6 @@ def antidiagonal_scores_paged(
     key_copy: Tensor | None = None,
     tma: bool | None = None,
     keys: Tensor | None = None,
-    exp2_poly: int | None = None,
 ) -> Tensor:
     """Block masses A, packed: float32 [Hq, plan.total_q_blocks, plan.max_kb].
 
@@ -382,8 +323,6 @@ def antidiagonal_scores_paged(
     with no copy (``direct_keys_usable``).
     tma: whole tiles through TMA, from the keys that ``tma_key_source`` picks (None: where they
     are in TMA boxes; False: masked loads only; True: also without, for the warm-up).
-    exp2_poly: of each 8 of a thread's scores, how many take exp2 on the FMA pipe (0-3; default
-    ``EXP2_POLY``; always 0 off the GPU, where the interpreter has no PTX).
     """
     check_scoring_inputs(q, kv_cache, block_table, plan)
     _, hq, d = q.shape
@@ -408,13 +347,7 @@ def antidiagonal_scores_paged(
     else:
         tma_keys, key_offset = q, plan.key_offset  # unused
     tma = source is not None
-    warps = num_warps or _default_warps(plan.block_m * plan.block_n)
-    poly = EXP2_POLY if exp2_poly is None else exp2_poly
-    if poly not in range(4):
-        raise ValueError(f"exp2_poly must be 0, 1, 2 or 3, got {poly!r}")
-    if q.device.type != "cuda" or (plan.block_m * plan.block_n // (32 * warps)) % _PACK:
-        poly = 0  # the asm takes 8 values of a thread at a time
-    kw = {"num_warps": warps,
+    kw = {"num_warps": num_warps or _default_warps(plan.block_m * plan.block_n),
           "num_stages": num_stages or _default_stages(plan.block_m, plan.block_n, block_d, q.element_size())}
     # only the TMA variant makes descriptors; the masked one needs no allocator
     with _descriptor_scratch(q.device) if tma else contextlib.nullcontext():
@@ -432,7 +365,7 @@ def antidiagonal_scores_paged(
             BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
             PREC="ieee" if q.dtype == torch.float32 else "tf32",
             UPCAST=os.environ.get("TRITON_INTERPRET") == "1" and q.dtype == torch.bfloat16,
-            TMA=tma, EXP2_POLY=poly, **kw,
+            TMA=tma, **kw,
         )
     return out
 

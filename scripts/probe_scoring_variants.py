@@ -37,8 +37,9 @@ temporary module (so the product kernel carries no diagnostic switches):
 - ``ws-prototype``: the warp-specialised Gluon kernel of ``scoring_ws_prototype.py`` (a loader
   warpgroup keeps a cp.async ring full across key tiles; two compute warpgroups run wgmma and
   the softmax; ``, no epilogue``: timing only), scores checked against the kernel first.
-- ``exp2-poly-Kof8`` / ``exp2-mufu``: the real kernel with K of each 8 of a thread's softmax
-  exp2 on the FMA pipe (a polynomial, ``kernels/scoring.py``'s ``exp2_poly``), or all on MUFU.
+- (``exp2-poly-Kof8``: K of each 8 of a thread's softmax exp2 on the FMA pipe by a degree-5
+  polynomial, FlashAttention-4's trick, was here at 5afb230 with the kernel's ``exp2_poly``: no
+  faster for K = 1-3, ``scoring_probe18_h100.json``.)
 - ``head-major-q``: the real kernel reading the query from a head-major copy (what the
   executors copy it to anyway), where a super-row is S*D contiguous elements instead of S rows
   of the token-major query.
@@ -195,14 +196,9 @@ def main():
             cases["head-major-q, block_m 64"] = lambda: scoring.antidiagonal_scores_paged(q_hm, kv, bt, plan64)
             cases["masked loads only"] = lambda: scoring.antidiagonal_scores_paged(q, kv, bt, plan, tma=False)
             cases["key copy alone"] = lambda: copy_keys(kv, bt, plan)
-            for poly in range(1, 4):  # exp2 of poly in 8 scores on the FMA pipe (kernels/scoring.py)
-                cases[f"exp2-poly-{poly}of8"] = (lambda poly=poly: scoring.antidiagonal_scores_paged(
-                    q, kv, bt, plan, exp2_poly=poly))
-            cases["exp2-mufu"] = lambda: scoring.antidiagonal_scores_paged(q, kv, bt, plan, exp2_poly=0)
             want = scoring.antidiagonal_scores_paged(q, kv, bt, plan)
             for name in ("head-major-q", "baseline", "ws-prototype", "heads-outer", "no-load-masks",
-                         "masked loads only", "flat-tma", "exp2-poly-1of8", "exp2-poly-2of8",
-                         "exp2-poly-3of8", "exp2-mufu"):
+                         "masked loads only", "flat-tma"):
                 if name in cases and (not args.only or name in args.only):
                     assert torch.allclose(cases[name](), want, rtol=1e-4, atol=1e-6), name
             cases = {k: f for k, f in cases.items() if not args.only or k in args.only}

@@ -122,8 +122,6 @@ def scoring_loop(stride: int, variant: str | None = None, head_dim: int = 128) -
     types = {}
     if "TMA" in inspect.signature(mod._score_kernel.fn).parameters:
         consts["TMA"] = True  # the whole tiles' TMA path (descriptors made on the device)
-    if "EXP2_POLY" in inspect.signature(mod._score_kernel.fn).parameters:
-        consts["EXP2_POLY"] = mod.EXP2_POLY  # the launcher's default on the GPU
     shared = []
     sass = _sass(mod._score_kernel, SCORE_POINTERS, SCORE_ALIGNED, consts, num_warps=8, num_stages=4,
                  types=types, shared=shared)
