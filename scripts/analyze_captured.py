@@ -32,33 +32,71 @@ from vllm_xattn.kernels import (  # noqa: E402
 CHECK_ROWS = 2048  # queries (16 blocks) whose output is compared with the reference
 
 
-def analyze_layer(path, settings, dense_ms_cache, timing: bool):
+def load_layer(path):
+    """A captured layer on the GPU: (name, q, k, v, paged cache, block table, cu_seqlens)."""
     cap = torch.load(path)
     q, k, v = (cap[x].cuda() for x in ("q", "k", "v"))
+    cu = torch.tensor([0, q.shape[0]], dtype=torch.int32)
+    kv, bt = make_paged_cache(k, v, cu, 16, generator=torch.Generator().manual_seed(0))
+    return cap["layer"], q, k, v, kv, bt, cu
+
+
+def check_layer(q, k, v, kv, bt, cu, stride: int, tau: float, output: bool = True) -> dict:
+    """One layer's kernels against the reference at (stride, tau): the scores' largest relative
+    error, the query-block rows whose selection differs from the reference's selection on the
+    reference's scores (near-ties), the density, and (``output``) the relative error of the
+    sparse path's output, run as serving runs it (``SparsePrefill``, the FA3 executor, the
+    layer's own keys), against the float32 reference block-sparse attention on the kernel's
+    own selection, over the last ``CHECK_ROWS`` queries (the sparsest). Also a GPU test
+    (``tests/test_gpu_real_model.py``)."""
     n, hq, d = q.shape
     hkv = k.shape[1]
-    cu_q = torch.tensor([0, n], dtype=torch.int32)
-    kv, bt = make_paged_cache(k, v, cu_q, 16, generator=torch.Generator().manual_seed(0))
+    plan = plan_prefill(cu, [n], block_size=128, stride=stride).to("cuda")
+    a = antidiagonal_scores_paged(q, kv, bt, plan)
+    want = ref.antidiagonal_block_scores(q, k, cu.cuda(), cu.cuda(), stride=stride, block_size=128)[0]
+    got = unpack_scores(a, plan)[0]
+    counts, ids = select_blocks_packed(a, plan, threshold=tau)
+    mask = masks_from_selection(counts, ids, plan)[0]
+    mask_ref = ref.select_blocks([want], threshold=tau)[0].cpu()
+    rec = dict(stride=stride, threshold=tau, seq_len=n,
+               density=int(counts.sum()) / (plan.causal_blocks() * hq),
+               max_rel_score_err=((got - want).abs() / (want.abs() + 1e-3)).max().item(),
+               selection_rows=mask.shape[0] * mask.shape[1],
+               rows_differing_from_reference=int((mask != mask_ref).any(-1).sum()))
+    if output:
+        cfg = XAttnConfig(stride=stride, threshold=tau)
+        step = SparseStep.from_host_plan(
+            plan_prefill(cu, [n], block_size=cfg.block_size, stride=stride, direct_keys=True),
+            block_table=bt, tok_start=0, tok_end=n, selection_heads=hq, device=q.device)
+        pool = ScratchPool(max_tokens=n, max_reqs=1, max_seq_len=n, num_q_heads=hq, head_dim=d,
+                           dtype=q.dtype, cfg=cfg, page_size=16, device=q.device, num_kv_heads=hkv)
+        out = torch.zeros_like(q)
+        run_counts = SparsePrefill(cfg, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, scale=d ** -0.5,
+                                   thresholds=None).run(q, kv, step, out, pool, keys=k)
+        # rows whose selected count differs from the kernels' launched alone (the run's scoring
+        # reads the keys through TMA: a different summation order can only flip a near-tie)
+        rec["run_rows_differing"] = int((run_counts != counts).sum())
+        rows = CHECK_ROWS // 128
+        want_out = ref.block_sparse_attention(
+            q[-CHECK_ROWS:].float(), k.float(), v.float(),
+            torch.tensor([0, CHECK_ROWS], device="cuda"), torch.tensor([0, n], device="cuda"),
+            [mask[:, -rows:].cuda()], block_size=128)
+        rec["output_rel_err_last_blocks"] = (
+            (out[-CHECK_ROWS:].float() - want_out).norm() / want_out.norm()).item()
+    return rec
+
+
+def analyze_layer(path, settings, dense_ms_cache, timing: bool):
+    name, q, k, v, kv, bt, cu = load_layer(path)
+    n = q.shape[0]
     if "dense" not in dense_ms_cache and timing:
-        dense_ms_cache["dense"] = do_bench(dense_fa3(q, kv, bt, cu_q, torch.tensor([n], dtype=torch.int32)), rep=50)
+        dense_ms_cache["dense"] = do_bench(dense_fa3(q, kv, bt, cu, torch.tensor([n], dtype=torch.int32)), rep=50)
     recs = []
     for stride, tau in settings:
-        plan = plan_prefill(cu_q, [n], block_size=128, stride=stride).to("cuda")
-        a = antidiagonal_scores_paged(q, kv, bt, plan)
-        want = ref.antidiagonal_block_scores(q, k, cu_q.cuda(), cu_q.cuda(), stride=stride,
-                                             block_size=128)[0]
-        got = unpack_scores(a, plan)[0]
-        err = ((got - want).abs() / (want.abs() + 1e-3)).max().item()
-        counts, ids = select_blocks_packed(a, plan, threshold=tau)
-        mask = masks_from_selection(counts, ids, plan)[0]
-        mask_ref = ref.select_blocks([want], threshold=tau)[0].cpu()
-        rows_diff = int((mask != mask_ref).any(-1).sum())
-        cand = plan.causal_blocks() * hq
-        rec = dict(layer=cap["layer"], stride=stride, threshold=tau, seq_len=n,
-                   density=int(counts.sum()) / cand, max_rel_score_err=err,
-                   selection_rows=mask.shape[0] * mask.shape[1],
-                   rows_differing_from_reference=rows_diff)
+        rec = dict(layer=name, **check_layer(q, k, v, kv, bt, cu, stride, tau, output=(stride, tau) == (8, 0.9)))
         if timing:
+            plan = plan_prefill(cu, [n], block_size=128, stride=stride).to("cuda")
+
             def run():
                 aa = antidiagonal_scores_paged(q, kv, bt, plan)
                 c, i = select_blocks_packed(aa, plan, threshold=tau)
@@ -66,20 +104,6 @@ def analyze_layer(path, settings, dense_ms_cache, timing: bool):
             rec["ms"] = do_bench(run, rep=50)
             rec["dense_fa3_ms"] = dense_ms_cache["dense"]
             rec["ratio"] = rec["ms"] / rec["dense_fa3_ms"]
-        if (stride, tau) == (8, 0.9):
-            cfg = XAttnConfig(stride=8, threshold=0.9)
-            pool = ScratchPool(max_tokens=n, max_reqs=1, max_seq_len=n, num_q_heads=hq, head_dim=d,
-                               dtype=q.dtype, cfg=cfg, page_size=16, device=q.device, num_kv_heads=hkv)
-            out = torch.empty_like(q)
-            SparsePrefill(cfg, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, scale=d ** -0.5,
-                          thresholds=None).run(q, kv, SparseStep(plan, bt, 0, n), out, pool)
-            rows = CHECK_ROWS // 128
-            want_out = ref.block_sparse_attention(
-                q[-CHECK_ROWS:].float(), k.float(), v.float(),
-                torch.tensor([0, CHECK_ROWS], device="cuda"), torch.tensor([0, n], device="cuda"),
-                [mask[:, -rows:].cuda()], block_size=128)
-            rec["output_rel_err_last_blocks"] = (
-                (out[-CHECK_ROWS:].float() - want_out).norm() / want_out.norm()).item()
         recs.append(rec)
     return recs
 

