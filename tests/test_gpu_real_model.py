@@ -89,9 +89,15 @@ def test_threshold_09_layers_match_reference_on_captured_inputs(captured_layers,
         name, *inputs = load_layer(path)
         recs.append(dict(layer=name, **check_layer(*inputs, stride=stride, tau=0.9)))
     worst = lambda key: max(recs, key=lambda r: r[key])  # noqa: E731
-    assert worst("max_rel_score_err")["max_rel_score_err"] < 1e-3, worst("max_rel_score_err")
     differing = sum(r["rows_differing_from_reference"] for r in recs)
     rows = sum(r["selection_rows"] for r in recs)
+    print(f"S={stride}: worst score error {worst('max_rel_score_err')['max_rel_score_err']:.2e}, "
+          f"selection rows differing {differing} / {rows}, worst output error "
+          f"{worst('output_rel_err_last_blocks')['output_rel_err_last_blocks']:.2e}, "
+          f"mean density {sum(r['density'] for r in recs) / len(recs):.3f}")
+    # Layer 0's strided logits reach the hundreds, where fp32 summation order alone moves a
+    # mass by up to ~1e-3 (9.8e-4 at S=16 on the H100, c8569cb); a wrong block or row sum is O(1).
+    assert worst("max_rel_score_err")["max_rel_score_err"] < 1e-2, worst("max_rel_score_err")
     assert differing <= 1e-3 * rows, (differing, rows)  # near-ties only
     assert sum(r["run_rows_differing"] for r in recs) <= 1e-3 * rows
     assert worst("output_rel_err_last_blocks")["output_rel_err_last_blocks"] < 1e-2, \
