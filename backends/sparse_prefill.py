@@ -40,10 +40,11 @@ def choose_sparse_suffix(query_start_loc_cpu, seq_lens_cpu, *, min_sparse_tokens
 
     A request qualifies if it is a prefill chunk of at least one block whose sequence
     (context + chunk) reaches ``min_sparse_tokens``. vLLM's model runner V2 orders
-    decodes first and prefills by ascending query length, so long prefills form a suffix;
-    the sparse path takes the longest suffix of qualifying requests, and a qualifying
-    request that sits before a non-qualifying one (other batch orders) runs dense:
-    slower, never wrong.
+    decodes first and prefills by ascending query length, so full-size chunks of long
+    prompts form a suffix; the sparse path takes the longest suffix of qualifying requests.
+    A qualifying request before a non-qualifying one runs dense (slower, never wrong): in
+    V2's order, a long sequence's short chunk (a prompt's last chunk, a prefix-cache hit)
+    followed by a shorter prompt with a longer query.
     """
     first, _ = _sparse_suffix(query_start_loc_cpu, seq_lens_cpu, min_sparse_tokens=min_sparse_tokens,
                               block_size=block_size)
@@ -79,9 +80,11 @@ def plan_sparse_suffix(query_start_loc_cpu, seq_lens_cpu, cfg: XAttnConfig,
         # Never silent: the model runner put a short request after a long prefill (V2 sorts
         # prefills by length; the V1 runner does not), so that prefill runs dense this step.
         logger.warning_once(
-            "XATTN: a long prefill ran dense because a shorter request followed it in the batch "
-            "(the model runner's batch order); correct, but slower. vLLM's model runner V2 "
-            "orders long prefills last.")
+            "XATTN: a long prefill ran dense because a request too short for the sparse path "
+            "followed it in the batch; correct, but slower. The sparse rows must be the batch's "
+            "last requests, and vLLM's model runner orders prefills by query length, so a long "
+            "sequence's short chunk (a last chunk, a prefix-cache hit) can precede a short "
+            "prompt with a longer query.")
     if first is None:
         return None
     plan = plan_prefill([x - qsl[first] for x in qsl[first:]], lens[first:],

@@ -104,6 +104,8 @@ from vllm_xattn.backends.sparse_prefill import choose_sparse_suffix  # noqa: E40
         ([8192], [8192], None),  # below min_sparse_tokens
         ([16384], [16384], 0),  # a whole batch of one long prefill
         ([100, 9000], [30000, 30000], 1),  # a 100-token chunk is shorter than a block
+        # V2's order too: a 30K sequence's 2K last chunk before a 6K prompt (too short) runs dense
+        ([1, 2000, 6000], [900, 30000, 6000], None),
         # another order: a qualifying request before a short one runs dense
         ([9000, 5, 9000], [30000, 30000, 40000], 2),
         ([9000, 9000, 5], [30000, 30000, 40000], None),
