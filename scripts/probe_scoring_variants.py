@@ -103,7 +103,7 @@ FLAT_TMA = """        n_kt_loop = n_kt
                 tok = q_tok - t
                 q = q_desc.load([tok // S, (tok % S) * s_qt + h * s_qh + dc])
                 ktok = k0 + kt * BLOCK_N * S + t
-                k = k_desc.load([ktok // S, (ktok % S) * kv_row + hk * D + dc]).T
+                k = k_desc.load([ktok // S, (ktok % S) * s_ct + hk * s_ch + dc]).T
                 acc = tl.dot(q, k.to(q.dtype), acc, input_precision=PREC)
                 if it == S * ND - 1:
                     cols = kt * BLOCK_N + offs_n

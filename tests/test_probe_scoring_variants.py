@@ -23,7 +23,7 @@ def test_variant_substitutions_apply(name):
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU variant (Triton interpreter)")
-@pytest.mark.parametrize("name", ["no-load-masks", "q-last-k-first", "heads-outer"])
+@pytest.mark.parametrize("name", ["no-load-masks", "q-last-k-first", "heads-outer", "flat-tma"])
 def test_score_keeping_variants_match_the_kernel_on_whole_tiles(name):
     # one request of whole scoring tiles: the load masks are all true, so dropping them is exact;
     # cache hints and the work order change no value
