@@ -32,7 +32,7 @@ from vllm_xattn.backends.sparse_prefill import (
 )
 from vllm_xattn.backends.warmup import warm_up_sparse_path
 from vllm_xattn.config import XAttnConfig, load_threshold_table, xattn_config_from_vllm
-from vllm_xattn.kernels import key_copy_capacity, key_copy_min_len, min_scoring_tiles
+from vllm_xattn.kernels import min_scoring_tiles, serving_key_copy
 
 # Under the "vllm" logger so messages use vLLM's handlers and log level.
 logger = init_logger("vllm.xattn")
@@ -129,10 +129,8 @@ class XAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
         # Scoring copies a request's keys for its TMA loads (kernels/key_copy.py) from the length
         # where that saves GPU time, within room for one max_model_len request; a request without
         # context reads the layer's new keys instead (forward hands them over), no copy.
-        self._key_copy = dict(
-            key_copy_capacity=key_copy_capacity(vllm_config.model_config.max_model_len),
-            key_copy_min_len=key_copy_min_len(self.xattn.stride, self.num_heads_q, self.num_heads_kv),
-            direct_keys=True)
+        self._key_copy = serving_key_copy(self.xattn.stride, self.num_heads_q, self.num_heads_kv,
+                                          vllm_config.model_config.max_model_len)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> FlashAttentionMetadata:

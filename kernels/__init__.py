@@ -9,7 +9,9 @@ plan's long requests, ``copy_keys``) ->
 ``build_page_csr(...)`` (CSR, FlashInfer) -> executor over ``folded_kv_views(kv_cache)``. No host synchronisation after the plan.
 """
 
-from .key_copy import copy_keys, key_copy_capacity, key_copy_min_len, key_copy_rows, tma_device
+from .key_copy import (
+    copy_keys, key_copy_capacity, key_copy_min_len, key_copy_rows, serving_key_copy, tma_device,
+)
 from .layout import copy_tokens_heads
 from .page_lists import PageCSR, PageLists, build_page_csr, build_page_lists
 from .paged import folded_kv_views, make_paged_cache, split_kv
@@ -39,6 +41,7 @@ __all__ = [
     "scoring_workspace_numel",
     "select_blocks_packed",
     "selection_block_k",
+    "serving_key_copy",
     "split_kv",
     "tma_device",
     "unpack_scores",

@@ -70,6 +70,15 @@ def key_copy_capacity(max_seq_len: int) -> int:
     return -(-max_seq_len // KEY_COPY_ALIGN) * KEY_COPY_ALIGN
 
 
+def serving_key_copy(stride: int, num_q_heads: int, num_kv_heads: int, max_seq_len: int) -> dict:
+    """``plan_prefill``'s key-copy arguments as the XATTN builder passes them: keys copied from
+    ``key_copy_min_len``, within room for one ``max_seq_len`` request, and a request without
+    context reading the layer's own keys instead (``direct_keys``: forward hands them over)."""
+    return dict(key_copy_capacity=key_copy_capacity(max_seq_len),
+                key_copy_min_len=key_copy_min_len(stride, num_q_heads, num_kv_heads),
+                direct_keys=True)
+
+
 def tma_device(device, dtype) -> bool:
     """Whether scoring reads whole tiles through TMA on ``device`` for inputs of ``dtype``: Hopper
     or newer with 16-bit inputs (under the Triton interpreter, on CPU, any). Called per layer:

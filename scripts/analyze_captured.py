@@ -26,7 +26,7 @@ from vllm_xattn.backends.sparse_prefill import ScratchPool, SparsePrefill, Spars
 from vllm_xattn.config import XAttnConfig  # noqa: E402
 from vllm_xattn.kernels import (  # noqa: E402
     antidiagonal_scores_paged, build_page_lists, make_paged_cache, masks_from_selection,
-    plan_prefill, select_blocks_packed, unpack_scores,
+    plan_prefill, select_blocks_packed, serving_key_copy, unpack_scores,
 )
 
 CHECK_ROWS = 2048  # queries (16 blocks) whose output is compared with the reference
@@ -66,7 +66,7 @@ def check_layer(q, k, v, kv, bt, cu, stride: int, tau: float, output: bool = Tru
     if output:
         cfg = XAttnConfig(stride=stride, threshold=tau)
         step = SparseStep.from_host_plan(
-            plan_prefill(cu, [n], block_size=cfg.block_size, stride=stride, direct_keys=True),
+            plan_prefill(cu, [n], block_size=cfg.block_size, stride=stride, **serving_key_copy(stride, hq, hkv, n)),
             block_table=bt, tok_start=0, tok_end=n, selection_heads=hq, device=q.device)
         pool = ScratchPool(max_tokens=n, max_reqs=1, max_seq_len=n, num_q_heads=hq, head_dim=d,
                            dtype=q.dtype, cfg=cfg, page_size=16, device=q.device, num_kv_heads=hkv)

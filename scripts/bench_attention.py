@@ -35,8 +35,7 @@ from vllm_xattn.backends.executors import FA3, FlashInferExecutor  # noqa: E402
 from vllm_xattn.backends.sparse_prefill import ScratchPool, SparsePrefill, SparseStep  # noqa: E402
 from vllm_xattn.config import XAttnConfig  # noqa: E402
 from vllm_xattn.kernels import (  # noqa: E402
-    antidiagonal_scores_paged, build_page_lists, key_copy_capacity, key_copy_min_len, plan_prefill,
-    select_blocks_packed,
+    antidiagonal_scores_paged, build_page_lists, plan_prefill, select_blocks_packed, serving_key_copy,
 )
 
 
@@ -63,8 +62,8 @@ def bench_inputs(q, kv, bt, cu_q, sl, *, shape: str, inputs: str, settings: list
     dense_fl = causal_flops([n], [n], hq, d)
     # as the builder plans (keys copied from key_copy_min_len), with the layer's new keys handed
     # to scoring as serving does: a fresh prompt's whole tiles read them through TMA
-    host_plan = plan_prefill(cu_q, sl, block_size=128, stride=args.stride, key_copy_capacity=key_copy_capacity(n),
-                             key_copy_min_len=key_copy_min_len(args.stride, hq, hkv), direct_keys=True)
+    host_plan = plan_prefill(cu_q, sl, block_size=128, stride=args.stride,
+                             **serving_key_copy(args.stride, hq, hkv, n))
     keys = step_keys(kv, bt, cu_q, sl, hq)
     pool = ScratchPool(max_tokens=n, max_reqs=1, max_seq_len=n, num_q_heads=hq, head_dim=d,
                        dtype=q.dtype, cfg=XAttnConfig(stride=args.stride), page_size=args.page_size,

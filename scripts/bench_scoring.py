@@ -25,8 +25,8 @@ from bench_common import (  # noqa: E402
 
 from vllm_xattn import reference as ref  # noqa: E402
 from vllm_xattn.kernels import (  # noqa: E402
-    antidiagonal_scores_paged, build_page_lists, key_copy_min_len, masks_from_selection, plan_prefill,
-    select_blocks_packed, unpack_scores,
+    antidiagonal_scores_paged, build_page_lists, masks_from_selection, plan_prefill,
+    select_blocks_packed, serving_key_copy, unpack_scores,
 )
 
 
@@ -60,13 +60,11 @@ def pipeline(q, kv_cache, block_table, plan, *, threshold, tiles=None, keys=None
 
 
 def serving_plan(cu_q, seq_lens, stride, dims, key_copy, **tiles):
-    """The plan as the builder makes it (``key_copy`` "serving": keys copied from
-    ``key_copy_min_len``, a request without context reading the layer's own keys) or with every
-    request's keys copied ("all")."""
-    serving = key_copy == "serving"
-    min_len = key_copy_min_len(stride, dims["num_q_heads"], dims["num_kv_heads"]) if serving else 0
-    return plan_prefill(cu_q, seq_lens, block_size=128, stride=stride, key_copy_min_len=min_len,
-                        direct_keys=serving, **tiles)
+    """The plan as the builder makes it (``key_copy`` "serving": ``serving_key_copy``, with room
+    for the longest request) or with every request's keys copied ("all")."""
+    copy = (serving_key_copy(stride, dims["num_q_heads"], dims["num_kv_heads"], int(max(seq_lens)))
+            if key_copy == "serving" else {})
+    return plan_prefill(cu_q, seq_lens, block_size=128, stride=stride, **copy, **tiles)
 
 
 def check_against_reference(shape, seq_lens, query_lens, stride, threshold, log, key_copy="serving"):

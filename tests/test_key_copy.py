@@ -198,6 +198,13 @@ def test_sparse_path_takes_tma_only_in_steps_that_copy_keys_or_have_their_keys(d
     assert SparsePrefill._tma(replace(copies, key_copy_rows=pool.keys.shape[0] + 1), pool, None) is False
 
 
+def test_serving_key_copy_is_the_builders_plan_arguments():
+    from vllm_xattn.kernels import serving_key_copy
+
+    assert serving_key_copy(8, 32, 8, 1000) == dict(key_copy_capacity=1024, key_copy_min_len=10240,
+                                                     direct_keys=True)
+
+
 def test_builder_plan_carries_the_key_copy_bounds():
     """plan_sparse_suffix passes the builder's key-copy bounds on to the plan (relative to the
     suffix's requests)."""
