@@ -77,8 +77,8 @@ def plan_sparse_suffix(query_start_loc_cpu, seq_lens_cpu, cfg: XAttnConfig,
     first, skipped = _sparse_suffix(qsl, lens, min_sparse_tokens=cfg.min_sparse_tokens,
                                     block_size=cfg.block_size)
     if skipped:
-        # Never silent: the model runner put a short request after a long prefill (V2 sorts
-        # prefills by length; the V1 runner does not), so that prefill runs dense this step.
+        # Never silent: a request the sparse path skips follows a long prefill, so that prefill
+        # runs dense this step (V2's query-length order does this too, see the message).
         logger.warning_once(
             "XATTN: a long prefill ran dense because a request too short for the sparse path "
             "followed it in the batch; correct, but slower. The sparse rows must be the batch's "
