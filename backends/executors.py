@@ -155,10 +155,10 @@ class Fa3Executor(_Executor):
         # num_splits=1: for varlen calls FA3 sizes its split-KV heuristic as if the batch were
         # one sequence (hopper/flash_api.cpp, get_num_splits after num_splits_dynamic_ptr is set
         # to a dummy): with one head and one 128-row block per mini-request it picks ~109 splits
-        # whenever there are <= 992 mini-requests (a sparse suffix under ~4K tokens at 32 heads)
+        # whenever there are <= 992 mini-requests (sparse requests under ~4K tokens at 32 heads)
         # and allocates float32 [splits, heads * T, D] partial outputs: 5.73 GiB at T = 3445,
         # outside vLLM's memory profile (a mixed-serving OOM). Above 992 mini-requests FA3 uses
-        # one split anyway; below, splitting only helps short suffixes, which are cheap steps.
+        # one split anyway; below, splitting only helps steps with few sparse tokens, which are cheap.
         if lists.seqused_q is not None:  # longest-first order (mini_order)
             yield lambda: fa3_varlen_paged(
                 q, k_pages, v_pages, out, cu_seqlens_q=lists.cu_seqlens_q, seqused_q=lists.seqused_q,

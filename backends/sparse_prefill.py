@@ -1,7 +1,7 @@
 """The sparse prefill path of one attention layer: score, select, build page lists, execute.
 
 Per scheduler step the metadata builder decides which requests run sparse
-(``choose_sparse_suffix``) and plans them once (``SparseStep``, including the executor's own
+(``plan_sparse_requests``; the others run on stock FA) and plans them once (``SparseStep``, including the executor's own
 step plan); per layer, ``SparsePrefill.run`` launches the Triton scoring / selection kernels
 and the executor (``executors.py``: FA3 or FlashInfer) over vLLM's paged cache, with no host
 synchronisation.
@@ -34,62 +34,71 @@ from vllm_xattn.kernels.plan import _ints
 logger = init_logger("vllm.xattn")
 
 
-def choose_sparse_suffix(query_start_loc_cpu, seq_lens_cpu, *, min_sparse_tokens: int,
-                         block_size: int) -> int | None:
-    """First request of the batch's sparse suffix, or None if no request runs sparse.
-
-    A request qualifies if it is a prefill chunk of at least one block whose sequence
-    (context + chunk) reaches ``min_sparse_tokens``. vLLM's model runner V2 orders
-    decodes first and prefills by ascending query length, so full-size chunks of long
-    prompts form a suffix; the sparse path takes the longest suffix of qualifying requests.
-    A qualifying request before a non-qualifying one runs dense (slower, never wrong): in
-    V2's order, a long sequence's short chunk (a prompt's last chunk, a prefix-cache hit)
-    followed by a shorter prompt with a longer query.
-    """
-    first, _ = _sparse_suffix(query_start_loc_cpu, seq_lens_cpu, min_sparse_tokens=min_sparse_tokens,
-                              block_size=block_size)
-    return first
-
-
-def _sparse_suffix(query_start_loc_cpu, seq_lens_cpu, *, min_sparse_tokens: int,
-                   block_size: int) -> tuple[int | None, int]:
-    """(first request of the sparse suffix or None, qualifying requests before it: the ones
-    the batch order makes run dense)."""
+def sparse_requests(query_start_loc_cpu, seq_lens_cpu, *, min_sparse_tokens: int,
+                    block_size: int) -> list[int]:
+    """The batch's requests that run sparse: prefill chunks of at least one block whose sequence
+    (context + chunk) reaches ``min_sparse_tokens``, wherever they sit in the batch (vLLM's model
+    runner V2 orders decodes first and prefills by ascending query length, so a long sequence's
+    short last chunk can precede a short prompt with a longer query). The others run on stock
+    FA (``stock_segments``)."""
     # via .tolist(): iterating a tensor element by element costs microseconds per request.
     qsl, lens = _ints(query_start_loc_cpu), _ints(seq_lens_cpu)
-    qualifies = [qsl[r + 1] - qsl[r] >= block_size and lens[r] >= min_sparse_tokens
-                 for r in range(len(lens))]
-    first = len(lens)
-    while first > 0 and qualifies[first - 1]:
-        first -= 1
-    return (first if first < len(lens) else None), sum(qualifies[:first])
+    return [r for r in range(len(lens))
+            if qsl[r + 1] - qsl[r] >= block_size and lens[r] >= min_sparse_tokens]
 
 
-def plan_sparse_suffix(query_start_loc_cpu, seq_lens_cpu, cfg: XAttnConfig,
-                       **tiles) -> tuple[int, XAttnPlan] | None:
-    """The sparse suffix of a batch (its first request) and its host-side plan, or None.
+def stock_segments(num_reqs: int, sparse: list[int]) -> list[tuple[int, int]]:
+    """The maximal request ranges ``[a, b)`` with no sparse request: one stock FA call each."""
+    segs, a = [], 0
+    for r in sparse + [num_reqs]:
+        if r > a:
+            segs.append((a, r))
+        a = r + 1
+    return segs
 
-    ``query_start_loc_cpu`` [R+1] and ``seq_lens_cpu`` [R] are the batch's CPU copies; the
-    plan's query rows are relative to the suffix's first token. ``tiles``: ``plan_prefill``'s
-    tile arguments (``min_tiles`` from the builder; ``block_m`` / ``block_n`` in tests).
+
+@dataclass(frozen=True)
+class SparseSplit:
+    """One step's split of the batch: the sparse requests (planned together) and the stock
+    segments around them."""
+
+    requests: list[int]  # sparse requests, ascending
+    stock: list[tuple[int, int]]  # request ranges [a, b) on stock FA
+    plan: XAttnPlan  # on the host; query rows relative to the first sparse request's first token
+    tok_start: int  # the sparse requests' tokens lie in [tok_start, tok_end) of the batch
+    tok_end: int
+    # Runs of adjacent sparse requests: (first token relative to tok_start, first row of the
+    # packed query without the stock requests between them, tokens).
+    runs: tuple[tuple[int, int, int], ...]
+
+
+def plan_sparse_requests(query_start_loc_cpu, seq_lens_cpu, cfg: XAttnConfig, **tiles) -> SparseSplit | None:
+    """The batch's sparse requests and their host-side plan, or None if none qualifies.
+
+    ``query_start_loc_cpu`` [R+1] and ``seq_lens_cpu`` [R] are the batch's CPU copies. The plan
+    packs the sparse requests' query rows (those of stock requests between them are left out)
+    and reads each request's query at its place in ``[tok_start, tok_end)``. ``tiles``:
+    ``plan_prefill``'s tile arguments (``min_tiles`` from the builder; ``block_m`` / ``block_n``
+    in tests).
     """
     qsl, lens = _ints(query_start_loc_cpu), _ints(seq_lens_cpu)  # one host conversion per step
-    first, skipped = _sparse_suffix(qsl, lens, min_sparse_tokens=cfg.min_sparse_tokens,
-                                    block_size=cfg.block_size)
-    if skipped:
-        # Never silent: a request the sparse path skips follows a long prefill, so that prefill
-        # runs dense this step (V2's query-length order does this too, see the message).
-        logger.warning_once(
-            "XATTN: a long prefill ran dense because a request too short for the sparse path "
-            "followed it in the batch; correct, but slower. The sparse rows must be the batch's "
-            "last requests, and vLLM's model runner orders prefills by query length, so a long "
-            "sequence's short chunk (a last chunk, a prefix-cache hit) can precede a short "
-            "prompt with a longer query.")
-    if first is None:
+    sparse = sparse_requests(qsl, lens, min_sparse_tokens=cfg.min_sparse_tokens, block_size=cfg.block_size)
+    if not sparse:
         return None
-    plan = plan_prefill([x - qsl[first] for x in qsl[first:]], lens[first:],
-                        block_size=cfg.block_size, stride=cfg.stride, **tiles)
-    return first, plan
+    tok_start = qsl[sparse[0]]
+    packed, runs = [0], []
+    for i, r in enumerate(sparse):
+        n = qsl[r + 1] - qsl[r]
+        if i and sparse[i - 1] == r - 1:
+            src, dst, m = runs[-1]
+            runs[-1] = (src, dst, m + n)
+        else:
+            runs.append((qsl[r] - tok_start, packed[-1], n))
+        packed.append(packed[-1] + n)
+    plan = plan_prefill(packed, [lens[r] for r in sparse], block_size=cfg.block_size, stride=cfg.stride,
+                        q_starts=[qsl[r] - tok_start for r in sparse], **tiles)
+    return SparseSplit(requests=sparse, stock=stock_segments(len(lens), sparse), plan=plan,
+                       tok_start=tok_start, tok_end=qsl[sparse[-1] + 1], runs=tuple(runs))
 
 
 @dataclass
@@ -98,8 +107,11 @@ class SparseStep:
 
     plan: XAttnPlan  # on the device
     block_table: torch.Tensor  # [R_sparse, max_pages] rows of the sparse requests
-    tok_start: int  # their query rows in the batch: [tok_start, tok_end)
+    tok_start: int  # their query rows lie in [tok_start, tok_end) of the batch
     tok_end: int
+    # (first token relative to tok_start, packed row, tokens) per run of adjacent sparse
+    # requests (``SparseSplit.runs``); None: one run, all of [tok_start, tok_end).
+    runs: tuple[tuple[int, int, int], ...] | None = None
     # The executor's mini-requests over the head-major query, per selection granularity,
     # derived from the plan once per step instead of in every layer: query offsets, and for an
     # order other than the layout's, each packed row's position and the query lengths
@@ -114,17 +126,44 @@ class SparseStep:
 
     @classmethod
     def from_host_plan(cls, plan: XAttnPlan, *, block_table, tok_start: int, tok_end: int,
-                       selection_heads: int, device, executor=FA3) -> "SparseStep":
+                       selection_heads: int, device, executor=FA3, runs=None,
+                       block_table_rows: list[int] | None = None) -> "SparseStep":
         """``plan`` on the host; ``executor`` plans its own part here, once per step (for
-        FlashInfer the expensive host ``plan()``), never per layer."""
+        FlashInfer the expensive host ``plan()``), never per layer. ``block_table_rows``: the
+        sparse requests' rows of ``block_table`` (the batch's), gathered on the device; None:
+        ``block_table`` is theirs already."""
         order = (executor or FA3).mini_order(plan, selection_heads=selection_heads)
         candidates = plan.causal_blocks()
         ex_step = (executor.plan_step(plan, selection_heads=selection_heads, device=device)
                    if executor is not None else None)
-        dev_plan, row_pos, cu, used_q = plan.to(device, *order)  # one pinned copy
+        rows = None if block_table_rows is None else torch.tensor(block_table_rows, dtype=torch.int32)
+        dev_plan, row_pos, cu, used_q, rows = plan.to(device, *order, rows)  # one pinned copy
+        if rows is not None:
+            block_table = block_table.index_select(0, rows)
+        if runs is not None and len(runs) == 1 and runs[0] == (0, 0, tok_end - tok_start):
+            runs = None
         return cls(plan=dev_plan, block_table=block_table, tok_start=tok_start,
-                   tok_end=tok_end, mini_cu_seqlens_q=cu, mini_row_pos=row_pos, mini_seqused_q=used_q,
-                   executor=executor, executor_step=ex_step, candidate_blocks=candidates)
+                   tok_end=tok_end, runs=runs, mini_cu_seqlens_q=cu, mini_row_pos=row_pos,
+                   mini_seqused_q=used_q, executor=executor, executor_step=ex_step,
+                   candidate_blocks=candidates)
+
+    @classmethod
+    def from_split(cls, split: SparseSplit, *, block_table, **kw) -> "SparseStep":
+        """The step of ``plan_sparse_requests``'s split; ``block_table``: the batch's."""
+        reqs = split.requests
+        contiguous = reqs[-1] - reqs[0] + 1 == len(reqs)
+        return cls.from_host_plan(
+            split.plan, block_table=block_table[reqs[0]: reqs[-1] + 1] if contiguous else block_table,
+            block_table_rows=None if contiguous else reqs, tok_start=split.tok_start,
+            tok_end=split.tok_end, runs=split.runs, **kw)
+
+    @property
+    def num_tokens(self) -> int:
+        """Query rows the sparse path computes."""
+        return self.plan.num_q_tokens
+
+    def token_runs(self) -> tuple[tuple[int, int, int], ...]:
+        return self.runs or ((0, 0, self.tok_end - self.tok_start),)
 
 
 class ScratchPool:
@@ -229,7 +268,8 @@ class SparsePrefill:
     def run(self, query: torch.Tensor, kv_cache: torch.Tensor, step: SparseStep,
             output: torch.Tensor, pool: ScratchPool, tma: bool | None = None,
             keys: torch.Tensor | None = None) -> torch.Tensor:
-        """Attention of ``query[tok_start:tok_end]`` into ``output`` rows; returns the selection
+        """Attention of the step's sparse requests (``query[tok_start:tok_end]`` but for the rows
+        of stock requests between them) into ``output`` rows; returns the selection
         counts, int32 [Hq, packed query blocks] on the device (``.sum()``: selected blocks).
         ``keys``: the layer's new keys, rows like ``query``'s (scoring reads those of requests
         with no context through TMA, no copy). ``tma``: scoring's whole-tile TMA path (default:
@@ -240,7 +280,7 @@ class SparsePrefill:
             raise RuntimeError("XATTN: this step has no sparse executor (see the layer's dense reasons)")
         q = query[step.tok_start:step.tok_end]
         k = None if keys is None else keys[step.tok_start:step.tok_end]
-        T = q.shape[0]
+        T = plan.num_q_tokens  # q's rows without those of stock requests between sparse ones
         pool.check_fits(plan, T, self.hq, self.d)
         scores = pool.scores[:, : plan.total_q_blocks, : plan.max_kb]
         a = antidiagonal_scores_paged(q, kv_cache, step.block_table, plan, out=scores,
@@ -255,11 +295,14 @@ class SparsePrefill:
         group = self.hq // self.hkv if cfg.granularity == "kv_group" else 1
         heads = self.hq // group
         q_hm = pool.q[: T * self.hq * self.d].view(heads, T, group, self.d)
-        copy_tokens_heads(q_hm.transpose(0, 1), q.reshape(T, heads, group, self.d))
+        runs = step.token_runs()
+        for src, dst, n in runs:
+            copy_tokens_heads(q_hm.transpose(0, 1)[dst:dst + n], q[src:src + n].reshape(n, heads, group, self.d))
         o_hm = pool.out[: T * self.hq * self.d].view(heads, T, group, self.d)
         step.executor.run(q_hm.view(heads * T, group, self.d), o_hm.view(heads * T, group, self.d),
                           counts, ids, kv_cache, step, pool, granularity=cfg.granularity,
                           num_kv_heads=self.hkv, scale=self.scale)
-        out = output[step.tok_start:step.tok_end].view(T, heads, group, self.d)
-        copy_tokens_heads(out, o_hm.transpose(0, 1))
+        out = output[step.tok_start:step.tok_end]
+        for src, dst, n in runs:
+            copy_tokens_heads(out[src:src + n].view(n, heads, group, self.d), o_hm.transpose(0, 1)[dst:dst + n])
         return counts

@@ -21,6 +21,7 @@ from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionMetadataBuilder,
 )
 from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+from vllm.v1.worker.ubatch_utils import UBatchSlice, split_attn_metadata
 
 from vllm_xattn.backends.density_log import density_log
 from vllm_xattn.backends.executors import make_executor, resolve_executor
@@ -28,7 +29,7 @@ from vllm_xattn.backends.sparse_prefill import (
     ScratchPool,
     SparsePrefill,
     SparseStep,
-    plan_sparse_suffix,
+    plan_sparse_requests,
 )
 from vllm_xattn.backends.warmup import warm_up_sparse_path
 from vllm_xattn.config import XAttnConfig, load_threshold_table, xattn_config_from_vllm
@@ -92,10 +93,10 @@ class XAttentionBackend(FlashAttentionBackend):
 @dataclasses.dataclass
 class XAttentionMetadata(FlashAttentionMetadata):
     """Stock FA metadata of the whole batch (used as is by dense-only layers), plus the
-    split for layers that run sparse: FA metadata of the dense prefix of requests
-    (None if every request runs sparse) and the plan of the sparse suffix."""
+    split for layers that run sparse: the stock FA segments (first token, end token, FA
+    metadata of those requests) and the sparse requests' step."""
 
-    dense: FlashAttentionMetadata | None = None
+    stock: list[tuple[int, int, FlashAttentionMetadata]] = dataclasses.field(default_factory=list)
     sparse: SparseStep | None = None
 
 
@@ -142,32 +143,28 @@ class XAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
                 and cm.seq_lens_cpu_upper_bound is not None and cm.max_query_len >= self.xattn.block_size
                 and self.xattn.block_size % self.block_size == 0):
             # CPU copies only: no device sync. Upper bounds are exact for prefill rows.
-            split = plan_sparse_suffix(cm.query_start_loc_cpu[: cm.num_reqs + 1],
-                                       cm.seq_lens_cpu_upper_bound[: cm.num_reqs], self.xattn,
-                                       min_tiles=self._min_tiles, **self._key_copy)
+            split = plan_sparse_requests(cm.query_start_loc_cpu[: cm.num_reqs + 1],
+                                         cm.seq_lens_cpu_upper_bound[: cm.num_reqs], self.xattn,
+                                         min_tiles=self._min_tiles, **self._key_copy)
         if split is None:
             return super().build(common_prefix_len, cm, fast_build)
-        first, plan = split
         qsl = cm.query_start_loc_cpu[: cm.num_reqs + 1].tolist()
-        dense = None
-        if first > 0:
-            sub = cm.unpadded(qsl[first], first)
-            sub = dataclasses.replace(
-                sub, max_query_len=max(b - a for a, b in zip(qsl[:first], qsl[1 : first + 1])),
-                max_seq_len=int(cm.seq_lens_cpu_upper_bound[:first].max()))
-            dense = super().build(0, sub, fast_build)
-            if dense.scheduler_metadata is not None:
+        stock = []
+        for a, b in split.stock:  # decodes, short prefills: stock FA on their own metadata
+            sub = split_attn_metadata([UBatchSlice(slice(a, b), slice(qsl[a], qsl[b]))], cm)[0]
+            md = super().build(0, sub, fast_build)
+            if md.scheduler_metadata is not None:
                 # A view of a buffer the next build() overwrites; these batches are never
                 # captured in full CUDA graphs, so a private copy is safe.
-                dense.scheduler_metadata = dense.scheduler_metadata.clone()
+                md.scheduler_metadata = md.scheduler_metadata.clone()
+            stock.append((qsl[a], qsl[b], md))
         full = super().build(common_prefix_len, cm, fast_build)
-        step = SparseStep.from_host_plan(
-            plan, block_table=cm.block_table_tensor[first : cm.num_reqs], tok_start=qsl[first],
-            tok_end=qsl[-1], device=self.device, executor=self.executor,
+        step = SparseStep.from_split(
+            split, block_table=cm.block_table_tensor, device=self.device, executor=self.executor,
             selection_heads=self.xattn.selection_heads(self.num_heads_q, self.num_heads_kv))
         return XAttentionMetadata(
             **{f.name: getattr(full, f.name) for f in dataclasses.fields(FlashAttentionMetadata)},
-            dense=dense, sparse=step)
+            stock=stock, sparse=step)
 
 
 class XAttentionImpl(FlashAttentionImpl):
@@ -286,8 +283,9 @@ class XAttentionImpl(FlashAttentionImpl):
             if self._sparse is not None:
                 self._scratch(query)
         elif sparse_step is not None and self._sparse is not None:
-            if attn_metadata.dense is not None:  # rows [0, tok_start): stock FA
-                super().forward(layer, query, key, value, kv_cache, attn_metadata.dense, output,
+            for a, b, md in attn_metadata.stock:  # the other requests' rows: stock FA
+                super().forward(layer, query[a:b], None if key is None else key[a:b],
+                                None if value is None else value[a:b], kv_cache, md, output[a:b],
                                 output_scale, output_block_scale)
             logger.info_once("XATTN sparse prefill running")
             counts = self._sparse.run(query, kv_cache, sparse_step,
@@ -295,8 +293,7 @@ class XAttentionImpl(FlashAttentionImpl):
                                       self._scratch(query), keys=key)
             if (log := density_log()) is not None:
                 log.record(self._layer_index if self._layer_index is not None else -1,
-                           sparse_step.tok_end - sparse_step.tok_start, self._head_offset,
-                           counts, sparse_step.candidate_blocks)
+                           sparse_step.num_tokens, self._head_offset, counts, sparse_step.candidate_blocks)
             return output
         return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                output_scale, output_block_scale)

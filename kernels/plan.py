@@ -185,6 +185,7 @@ def plan_prefill(
     key_copy_min_tiles: int = 1,
     key_copy_min_len: int = 0,
     direct_keys: bool = False,
+    q_starts=None,
 ) -> XAttnPlan:
     """Plan a varlen prefill batch. ``cu_seqlens_q`` [R+1] and ``seq_lens`` [R] (total keys N
     per request) are CPU ints. ``block_m``/``block_n`` (scoring tile sizes in super-tokens)
@@ -198,7 +199,11 @@ def plan_prefill(
     copy has room (``key_copy_min_len``: see ``key_copy.key_copy_min_len``). ``direct_keys``: the
     caller hands scoring the step's own keys, which a request without context reads instead of a
     copy (``direct_key_offset``), so such a request is copied only in a step that copies a request
-    with context anyway (one key source per launch)."""
+    with context anyway (one key source per launch).
+
+    ``q_starts`` [R]: where each request's query rows start in the query scoring reads, if not
+    packed as ``cu_seqlens_q`` says (the backend's sparse requests with stock requests between
+    them); ``row_q_start`` and the executors' head-major query stay packed."""
     B, S = block_size, stride
     if B % S:
         raise ValueError(f"stride {S} must divide block_size {B}")
@@ -207,6 +212,9 @@ def plan_prefill(
     R = len(ns)
     if len(cq) != R + 1:
         raise ValueError("cu_seqlens_q must have len(seq_lens) + 1 entries")
+    qs = [x - cq[0] for x in cq[:-1]] if q_starts is None else _ints(q_starts)
+    if len(qs) != R:
+        raise ValueError("q_starts must have one entry per request")
     if block_m is None:
         heights = scoring_tile_heights(B, S)
         block_m = heights[0]
@@ -231,7 +239,7 @@ def plan_prefill(
         qb0, last = ctx // B, (n - 1) // B
         n_qb = last - qb0 + 1
         max_kb = max(max_kb, last + 1)
-        req.append([cq[r] - cq[0], ctx, n, qb0, off])
+        req.append([qs[r], ctx, n, qb0, off])
         for i in range(qb0, last + 1):
             row_block.append(i)
             row_request.append(r)
@@ -253,6 +261,7 @@ def plan_prefill(
         if key_copy_capacity is None or rows + ns[r] <= key_copy_capacity:
             key_offset[r], rows = rows, rows + ns[r]
     # Direct keys need no copy, so any request with a whole tile (query rows and a key tile) gains.
+    # The step's keys are laid out like the query scoring reads: the request's first row q_start.
     direct = [req[r][0] if req[r][1] == 0 and whole[r] and ns[r] >= block_n * S else -1 for r in range(R)]
     i32 = lambda x: torch.tensor(x, dtype=torch.int32)
     return XAttnPlan(

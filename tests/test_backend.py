@@ -91,33 +91,35 @@ def test_sinks_reason_without_constructing_fa():
     assert reasons == ["attention sinks"]
 
 
-from vllm_xattn.backends.sparse_prefill import choose_sparse_suffix  # noqa: E402
+from vllm_xattn.backends.sparse_prefill import sparse_requests, stock_segments  # noqa: E402
 
 
 @pytest.mark.parametrize(
-    "query_lens, seq_lens, first",
+    "query_lens, seq_lens, sparse, stock",
     [
         # decodes first, then prefills by ascending query length (model runner V2)
-        ([1, 1, 300, 8192, 8192], [900, 20000, 300, 8192, 30000], 4),
-        ([1, 1, 300, 8192, 8192], [900, 20000, 300, 16384, 30000], 3),
-        ([1, 1, 300], [900, 20000, 300], None),  # nothing long enough
-        ([8192], [8192], None),  # below min_sparse_tokens
-        ([16384], [16384], 0),  # a whole batch of one long prefill
-        ([100, 9000], [30000, 30000], 1),  # a 100-token chunk is shorter than a block
-        # V2's order too: a 30K sequence's 2K last chunk before a 6K prompt (too short) runs dense
-        ([1, 2000, 6000], [900, 30000, 6000], None),
-        # another order: a qualifying request before a short one runs dense
-        ([9000, 5, 9000], [30000, 30000, 40000], 2),
-        ([9000, 9000, 5], [30000, 30000, 40000], None),
+        ([1, 1, 300, 8192, 8192], [900, 20000, 300, 8192, 30000], [4], [(0, 4)]),
+        ([1, 1, 300, 8192, 8192], [900, 20000, 300, 16384, 30000], [3, 4], [(0, 3)]),
+        ([1, 1, 300], [900, 20000, 300], [], [(0, 3)]),  # nothing long enough
+        ([8192], [8192], [], [(0, 1)]),  # below min_sparse_tokens
+        ([16384], [16384], [0], []),  # a whole batch of one long prefill
+        ([100, 9000], [30000, 30000], [1], [(0, 1)]),  # a 100-token chunk is shorter than a block
+        # V2's order too: a 30K sequence's 2K last chunk before a 6K prompt (too short): the
+        # chunk runs sparse, the prompt on stock FA after it
+        ([1, 2000, 6000], [900, 30000, 6000], [1], [(0, 1), (2, 3)]),
+        ([1, 2000, 6000, 9000], [900, 30000, 6000, 40000], [1, 3], [(0, 1), (2, 3)]),
+        # other orders: stock requests anywhere between sparse ones
+        ([9000, 5, 9000], [30000, 30000, 40000], [0, 2], [(1, 2)]),
+        ([9000, 9000, 5], [30000, 30000, 40000], [0, 1], [(2, 3)]),
     ],
 )
-def test_sparse_suffix(query_lens, seq_lens, first):
+def test_sparse_requests_and_stock_segments(query_lens, seq_lens, sparse, stock):
     qsl = [0]
     for n in query_lens:
         qsl.append(qsl[-1] + n)
-    got = choose_sparse_suffix(torch.tensor(qsl), torch.tensor(seq_lens),
-                               min_sparse_tokens=16384, block_size=128)
-    assert got == first
+    got = sparse_requests(torch.tensor(qsl), torch.tensor(seq_lens), min_sparse_tokens=16384, block_size=128)
+    assert got == sparse
+    assert stock_segments(len(seq_lens), got) == stock
 
 
 # ---------------------------------------------------------------- forward dispatch (CPU, mocked)
@@ -147,7 +149,9 @@ def dispatch(monkeypatch):
     rec = _Recorder()
 
     def fake_fa_forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *a):
-        rec.calls.append(("fa", attn_metadata))
+        # the rows it got: whole-batch calls (profiling, dense-only layers) record None
+        whole = attn_metadata is None or isinstance(attn_metadata, XAttentionMetadata)
+        rec.calls.append(("fa", attn_metadata, None if whole else query, None if whole else output))
         return output
 
     monkeypatch.setattr(FlashAttentionImpl, "forward", fake_fa_forward)
@@ -168,25 +172,31 @@ def _args():
                 output=torch.zeros(10, 8 * 64))
 
 
-def test_forward_sparse_step_runs_dense_prefix_then_sparse(dispatch):
+def test_forward_sparse_step_runs_stock_segments_then_sparse(dispatch):
+    """Stock FA runs each segment of other requests on its own rows and metadata (a decode
+    before the sparse requests, a short prompt between them), then the sparse path."""
     impl, sparse, rec = dispatch
     impl._sparse = sparse
-    dense, step = _fa_metadata(num_actual_tokens=4), object()
-    full = XAttentionMetadata(**dataclasses.asdict(_fa_metadata()), dense=dense, sparse=step)
+    head, mid, step = _fa_metadata(num_actual_tokens=1), _fa_metadata(num_actual_tokens=3), object()
+    full = XAttentionMetadata(**dataclasses.asdict(_fa_metadata()), stock=[(0, 1, head), (5, 8, mid)],
+                              sparse=step)
     args = _args()
+    args["query"] = torch.randn(10, 8, 64)
     impl.forward(attn_metadata=full, **args)
-    assert rec.calls[0] == ("fa", dense)  # stock FA on the dense prefix, its own metadata
-    assert rec.calls[1] == ("scratch",)
-    assert rec.calls[2][0] == "sparse" and rec.calls[2][1] is step
-    assert rec.calls[2][2] == (10, 8, 64)  # output viewed per head
-    assert rec.calls[2][3] is args["key"]  # the layer's new keys go to scoring (direct TMA keys)
-    assert len(rec.calls) == 3
+    assert [c[0] for c in rec.calls] == ["fa", "fa", "scratch", "sparse"]
+    for (_, md, q, out), (a, b) in zip(rec.calls[:2], [(0, 1), (5, 8)]):
+        assert md is (head if a == 0 else mid)
+        assert torch.equal(q, args["query"][a:b])  # the segment's rows only
+        assert out.data_ptr() == args["output"][a:b].data_ptr() and out.shape[0] == b - a
+    assert rec.calls[3][1] is step
+    assert rec.calls[3][2] == (10, 8, 64)  # output viewed per head
+    assert rec.calls[3][3] is args["key"]  # the layer's new keys go to scoring (direct TMA keys)
 
 
 def test_forward_all_sparse_skips_fa(dispatch):
     impl, sparse, rec = dispatch
     impl._sparse = sparse
-    full = XAttentionMetadata(**dataclasses.asdict(_fa_metadata()), dense=None, sparse=object())
+    full = XAttentionMetadata(**dataclasses.asdict(_fa_metadata()), stock=[], sparse=object())
     impl.forward(attn_metadata=full, **_args())
     assert [c[0] for c in rec.calls] == ["scratch", "sparse"]
 
@@ -194,16 +204,17 @@ def test_forward_all_sparse_skips_fa(dispatch):
 def test_forward_dense_only_layer_uses_full_batch_metadata(dispatch):
     impl, _, rec = dispatch
     impl._sparse = None  # e.g. sliding window, dense_layers, no FA3
-    full = XAttentionMetadata(**dataclasses.asdict(_fa_metadata()), dense=_fa_metadata(), sparse=object())
+    full = XAttentionMetadata(**dataclasses.asdict(_fa_metadata()), stock=[(0, 4, _fa_metadata())],
+                              sparse=object())
     impl.forward(attn_metadata=full, **_args())
-    assert rec.calls == [("fa", full)]
+    assert rec.calls == [("fa", full, None, None)]
 
 
 def test_forward_profiling_run_reserves_scratch(dispatch):
     impl, sparse, rec = dispatch
     impl._sparse = sparse
     impl.forward(attn_metadata=None, **_args())
-    assert rec.calls == [("scratch",), ("fa", None)]
+    assert rec.calls == [("scratch",), ("fa", None, None, None)]
 
 
 def test_density_log_records_sparse_layers_and_flushes_per_step(dispatch, monkeypatch, tmp_path):
@@ -219,8 +230,8 @@ def test_density_log_records_sparse_layers_and_flushes_per_step(dispatch, monkey
             return counts
 
     impl._sparse, impl._layer_index, impl._head_offset = CountingSparse(), 5, 8  # TP rank 1
-    step = type("Step", (), dict(tok_start=2, tok_end=10, candidate_blocks=40))()
-    full = XAttentionMetadata(**dataclasses.asdict(_fa_metadata()), dense=None, sparse=step)
+    step = type("Step", (), dict(num_tokens=8, candidate_blocks=40))()
+    full = XAttentionMetadata(**dataclasses.asdict(_fa_metadata()), stock=[], sparse=step)
     impl.forward(attn_metadata=full, **_args())
     impl.forward(attn_metadata=full, **_args())
     assert dl.read_density(tmp_path)["candidates"] == 0  # nothing synced before the next step

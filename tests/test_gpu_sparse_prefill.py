@@ -74,6 +74,47 @@ def test_sparse_prefill_matches_reference(granularity, selection, hq, hkv, d, pa
     assert ref.density(masks) < 1.0 or selection.get("threshold") == 1.0
 
 
+@pytest.mark.parametrize("executor", ["fa3", "flashinfer"])
+def test_stock_requests_between_sparse_ones(executor):
+    """A batch in V2's order with a long sequence's short chunk before a prompt too short to run
+    sparse, and a decode between two sparse chunks (another order): the builder's split plans
+    the three sparse requests together, ``run`` computes their rows like the reference on their
+    selection and leaves the stock requests' rows alone (stock FA writes them)."""
+    from vllm_xattn.backends.sparse_prefill import plan_sparse_requests
+
+    hq, hkv, d, page = 8, 2, 128, 16
+    cfg = XAttnConfig(threshold=0.9, min_sparse_tokens=4096)
+    reqs = [(1, 700), (700, 5013), (2500, 2500), (1, 300), (3000, 9000)]
+    q, k, v, cu_q, cu_k, n, kv_cache, bt = _problem(hq, hkv, d, page, reqs)
+    split = plan_sparse_requests(cu_q, n, cfg)
+    assert split.requests == [1, 4] and split.stock == [(0, 1), (2, 4)]
+    ex = FA3 if executor == "fa3" else FlashInferExecutor(num_q_heads=hq, head_dim=d, page_size=page,
+                                                            q_dtype=q.dtype, kv_dtype=q.dtype)
+    step = SparseStep.from_split(split, block_table=bt, device="cuda", selection_heads=hq, executor=ex)
+    pool = ScratchPool(max_tokens=int(cu_q[-1]), max_reqs=8, max_seq_len=max(n), num_q_heads=hq,
+                       head_dim=d, dtype=q.dtype, cfg=cfg, page_size=page, device=torch.device("cuda"),
+                       executor=executor)
+    out = torch.full_like(q, 7.0)
+    counts = SparsePrefill(cfg, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, scale=d ** -0.5,
+                           thresholds=None).run(q, kv_cache, step, out, pool)
+    a = antidiagonal_scores_paged(q[step.tok_start:step.tok_end], kv_cache, step.block_table, step.plan)
+    want_counts, ids = select_blocks_packed(a, step.plan, threshold=cfg.threshold)
+    assert torch.equal(counts, want_counts)
+    masks = [m.cuda() for m in masks_from_selection(want_counts, ids, step.plan)]
+    assert ref.density(masks) < 1.0
+    stock = torch.ones(q.shape[0], dtype=torch.bool, device="cuda")
+    for i, r in enumerate(split.requests):
+        t = slice(int(cu_q[r]), int(cu_q[r + 1]))
+        kr = slice(int(cu_k[r]), int(cu_k[r + 1]))
+        want = ref.block_sparse_attention(q[t].float(), k[kr].float(), v[kr].float(),
+                                          torch.tensor([0, t.stop - t.start], device="cuda"),
+                                          torch.tensor([0, kr.stop - kr.start], device="cuda"), [masks[i]],
+                                          block_size=cfg.block_size)
+        assert ((out[t].float() - want).norm() / want.norm()).item() < 1e-2, r
+        stock[t] = False
+    assert (out[stock] == 7.0).all()
+
+
 @pytest.mark.parametrize("granularity", ["head", "kv_group"])
 def test_longest_first_order_is_bitwise_the_sorted_order(monkeypatch, granularity):
     """The executor's mini-request order changes only which SM runs what: each mini-request is
@@ -180,7 +221,7 @@ def test_fa3_and_flashinfer_agree(granularity):
     assert err < 5e-3, err
 
 
-def test_short_sparse_suffix_allocates_no_split_kv_buffers():
+def test_short_sparse_chunk_allocates_no_split_kv_buffers():
     """A 3,445-token chunk after 20K tokens of context (Llama-8B layer shape): 32 x 27 query
     blocks = 864 mini-requests, where FA3's own split-KV heuristic would allocate ~5.7 GiB
     of float32 partial outputs (the mixed-serving OOM). The sparse path must stay within

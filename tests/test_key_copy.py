@@ -206,16 +206,24 @@ def test_serving_key_copy_is_the_builders_plan_arguments():
 
 
 def test_builder_plan_carries_the_key_copy_bounds():
-    """plan_sparse_suffix passes the builder's key-copy bounds on to the plan (relative to the
-    suffix's requests)."""
-    from vllm_xattn.backends.sparse_prefill import plan_sparse_suffix
+    """plan_sparse_requests passes the builder's key-copy bounds on to the plan (relative to the
+    sparse requests), and a sparse request reads its query and direct keys at its place in the
+    sparse token range, past the stock request before it."""
+    from vllm_xattn.backends.sparse_prefill import plan_sparse_requests
     from vllm_xattn.config import XAttnConfig
 
     cfg = XAttnConfig(block_size=64, stride=4, min_sparse_tokens=128)
     qsl, lens = torch.tensor([0, 1, 2, 302, 366]), torch.tensor([50, 70, 400, 200])
-    first, plan = plan_sparse_suffix(qsl, lens, cfg, block_m=16, block_n=16, key_copy_capacity=1000,
-                                     key_copy_min_len=300)
-    assert first == 2 and plan.key_offset.tolist() == [0, -1] and plan.key_copy_rows == 400
+    split = plan_sparse_requests(qsl, lens, cfg, block_m=16, block_n=16, key_copy_capacity=1000,
+                                 key_copy_min_len=300)
+    plan = split.plan
+    assert split.requests == [2, 3] and plan.key_offset.tolist() == [0, -1] and plan.key_copy_rows == 400
+    # a decode between two sparse requests: the second reads rows 301.. of [tok_start, tok_end)
+    qsl, lens = torch.tensor([0, 300, 301, 557]), torch.tensor([300, 70, 256])
+    split = plan_sparse_requests(qsl, lens, cfg, block_m=16, block_n=16, direct_keys=True)
+    assert split.requests == [0, 2] and split.runs == ((0, 0, 300), (301, 300, 256))
+    assert split.plan.req_meta[:, 0].tolist() == [0, 301] and split.plan.direct_key_offset.tolist() == [0, 301]
+    assert split.plan.row_q_start.tolist()[-1] == split.plan.num_q_tokens == 556  # packed
 
 
 def _step_keys(p, hq):
