@@ -19,3 +19,13 @@ def test_difference_names_prompt_position_and_reference_margin():
 def test_shorter_output_differs_at_its_end():
     ref = Generation(tokens=[[1, 2, 3]], log="")
     assert "first difference at generated token 2" in token_mismatches([[1, 2]], ref, [[0]])
+
+
+def test_near_ties_pass_only_with_tie_margin_and_the_second_token():
+    top = [[[[1, -0.1], [7, -0.1625]]], [[[4, -0.5], [8, -0.9]]]]  # margins 0.0625 and 0.4
+    ref = Generation([[1, 2], [4, 5]], "", top)
+    prompts = [[0] * 10, [0] * 20]
+    assert token_mismatches([[7, 2], [4, 5]], ref, prompts)  # strict by default
+    assert token_mismatches([[7, 2], [4, 5]], ref, prompts, tie_margin=0.125) == ""
+    assert token_mismatches([[9, 2], [4, 5]], ref, prompts, tie_margin=0.125)  # not the runner-up
+    assert token_mismatches([[7, 2], [8, 5]], ref, prompts, tie_margin=0.125)  # margin 0.4: a real change

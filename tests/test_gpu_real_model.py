@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e_util import generate, generate_in_subprocess, save_log, token_mismatches
+from tests.e2e_util import NEAR_TIE_MARGIN, generate, generate_in_subprocess, save_log, token_mismatches
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
@@ -54,7 +54,10 @@ def test_threshold_one_identical_tokens_on_real_model():
          "additional_config": {"xattn": {"threshold": 1.0, "min_sparse_tokens": 4096}}},
         prompts, 24)
     assert "XATTN sparse prefill running" in log
-    assert not (why := token_mismatches(got, ref, prompts)), why
+    # Identical but where FLASH_ATTN's top two are within one bf16 step of a logit: there its
+    # own token changes when only the batch order does (NEAR_TIE_MARGIN), so the sparse path's
+    # other fp32 summation order may resolve the tie either way.
+    assert not (why := token_mismatches(got, ref, prompts, tie_margin=NEAR_TIE_MARGIN)), why
 
 
 CAPTURE_TOKENS = 16384
