@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tests.e2e_util import generate, token_mismatches  # noqa: E402
@@ -42,7 +44,6 @@ def main():
         res[f"{name}: top-2 per token"] = top
         print(name, "->", res[name], flush=True)
     res["reference: top-2 per token"] = ref.top
-    import torch
 
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     rec = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
