@@ -130,6 +130,7 @@ def build_page_lists(
     cu_seqlens_q: Tensor | None = None,
     row_pos: Tensor | None = None,
     seqused_q: Tensor | None = None,
+    num_warps: int = 1,
 ) -> PageLists:
     """counts [Hq, TQB] / ids [Hq, TQB, max_kb] from ``select_blocks_packed`` (for
     "kv_group" the group's repeated rows are read once), block_table int32 [R, max_pages] of
@@ -147,6 +148,7 @@ def build_page_lists(
     ``row_pos`` / ``seqused_q`` (with ``cu_seqlens_q``, all heads): another mini-request order,
     from ``plan.mini_requests_longest_first`` (device copies): the row of packed row r and head
     h is ``h * TQB + row_pos[r]``.
+    ``num_warps``: warps per mini-request's program (timed in ``scripts/bench_selection.py``).
     """
     sel = _Selection(counts, ids, block_table, kv_cache, plan, granularity, num_kv_heads, heads)
     counts, ids, tqb, max_kb, ppb = sel.counts, sel.ids, sel.tqb, sel.max_kb, sel.ppb
@@ -166,7 +168,7 @@ def build_page_lists(
         counts, ids, block_table, plan.row_request, plan.row_last_len, plan.req_meta, page_table, seqused_k,
         seqused_k, seqused_k if row_pos is None else row_pos, tqb, sel.spp, sel.head_div, sel.h0,
         counts.stride(0), ids.stride(0), ids.stride(1), block_table.stride(0), page_table.stride(0),
-        B=plan.block_size, PAGE=sel.page, BLOCK_S=64, CSR=False, PERMUTE=row_pos is not None, num_warps=1,
+        B=plan.block_size, PAGE=sel.page, BLOCK_S=64, CSR=False, PERMUTE=row_pos is not None, num_warps=num_warps,
     )
     B = plan.block_size
     if cu_seqlens_q is not None and heads is None:

@@ -6,8 +6,10 @@
 Per (tokens, stride, mode): selection time (triton.testing.do_bench, median) on the same
 kernel scores, optionally against an older selection module in the same run, and the rows
 whose selection differs from the reference (float32) and from the same rule evaluated in
-float64 (rows where float32 rounding decides a threshold crossing). Then the
-token-major -> head-major query copy: copy_tokens_heads vs torch copy_.
+float64 (rows where float32 rounding decides a threshold crossing). For the threshold
+selection also the FA3 page lists built from it (``build_page_lists``) by warps per
+mini-request, checked equal. Then the token-major -> head-major query copy:
+copy_tokens_heads vs torch copy_.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from bench_common import SHAPES, paged_inputs, write_records  # noqa: E402
 
 from vllm_xattn import reference as ref  # noqa: E402
 from vllm_xattn.kernels import (  # noqa: E402
-    antidiagonal_scores_paged, copy_tokens_heads, masks_from_selection, plan_prefill,
+    antidiagonal_scores_paged, build_page_lists, copy_tokens_heads, masks_from_selection, plan_prefill,
     select_blocks_packed, unpack_scores,
 )
 
@@ -63,6 +65,24 @@ def rows_differing(a, b) -> int:
     return sum(int((x.cpu() != y.cpu()).any(-1).sum()) for x, y in zip(a, b))
 
 
+def page_list_times(counts, ids, bt, kv, plan, warps) -> dict:
+    """FA3 page lists of one selection, timed per warps per mini-request; every variant must
+    write the same table (a zeroed buffer each, so entries past seqused_k compare too)."""
+    hq = ids.shape[0]
+    cu = plan.mini_cu_seqlens_q(hq).to(ids.device)
+    shape = (hq * plan.total_q_blocks, plan.max_kb * (plan.block_size // kv.shape[2]))
+    out, tables = {}, []
+    for w in warps:
+        pt = torch.zeros(shape, dtype=torch.int32, device=ids.device)
+        pl = build_page_lists(counts, ids, bt, kv, plan, page_table=pt, cu_seqlens_q=cu, num_warps=w)
+        tables.append((pt, pl.seqused_k))
+        out[w] = do_bench(lambda: build_page_lists(counts, ids, bt, kv, plan, page_table=pt, cu_seqlens_q=cu,
+                                                   num_warps=w), warmup=5, rep=50)
+    same = all(torch.equal(t[0], tables[0][0]) and torch.equal(t[1], tables[0][1]) for t in tables)
+    return {"page_lists_ms_by_num_warps": out, "page_lists_equal_across_warps": same,
+            "pages_selected": int(tables[0][1].sum()) // kv.shape[2] if tables else 0}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/selection_h100.json")
@@ -72,6 +92,8 @@ def main():
     ap.add_argument("--old-selection", help="an older kernels/selection.py to time in the same run")
     ap.add_argument("--num-warps", type=int, nargs="*", default=[],
                     help="also time the selection kernel with these warps per row")
+    ap.add_argument("--page-list-warps", type=int, nargs="*", default=[1, 2, 4],
+                    help="time the FA3 page lists with these warps per mini-request")
     args = ap.parse_args()
     old = load_old(args.old_selection) if args.old_selection else None
     dims = SHAPES["llama-3.1-8b"]
@@ -93,6 +115,7 @@ def main():
                                                       warmup=5, rep=50) for w in args.num_warps}
                 if mode == "threshold":
                     rec["rows_differing_from_float64_rule"] = rows_differing(got, threshold_masks_f64(scores, args.threshold))
+                    rec.update(page_list_times(counts, ids, bt, kv, plan, args.page_list_warps))
                 if old is not None:
                     oc, oi = old(a, plan, mode=mode, **kw)[:2]  # older versions also returned the total
                     rec["old_ms"] = do_bench(lambda: old(a, plan, mode=mode, **kw), warmup=5, rep=50)

@@ -353,6 +353,28 @@ def test_selection_exact_quantized_property(seed, n_blocks, mode, tau, k):
     assert int(counts.sum()) == sum(int(m.sum()) for m in want)
 
 
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), tau=st.sampled_from([0.3, 0.7, 0.9, 0.99, 1.0]),
+       zeros=st.floats(0.0, 0.5))
+def test_selection_exact_masses_of_every_magnitude(seed, tau, zeros):
+    """Masses m * 2^e (m 1..7, e -12..3: up to 56, so bit levels above 2^30, where the search's
+    bounds must not overflow) with zeros and ties: sums stay exact, so the kernel's early-stopping
+    bisection must equal the reference's sort exactly."""
+    if not INTERPRET:
+        pytest.skip("CPU interpreter variant")
+    B, hq = 64, 3
+    plan = plan_prefill([0, 20 * B], [20 * B], block_size=B, stride=4, block_m=16, block_n=16)
+    g = torch.Generator().manual_seed(seed)
+    shape = (hq, plan.total_q_blocks, plan.max_kb)
+    A = torch.randint(1, 8, shape, generator=g).float() * torch.exp2(torch.randint(-12, 4, shape, generator=g).float())
+    A = A.masked_fill(torch.rand(shape, generator=g) < zeros, 0.0)
+    A = A.masked_fill(torch.arange(plan.max_kb)[None, None, :] > plan.row_block[None, :, None], 0.0)
+    for kw in (dict(mode="threshold", threshold=tau), dict(mode="topk", topk=1 + seed % 9)):
+        counts, ids = select_blocks_packed(A, plan, **kw)
+        assert torch.equal(masks_from_selection(counts, ids, plan)[0], select_blocks([A], **kw)[0]), kw
+        check_id_order(counts, ids, plan)
+
+
 @pytest.mark.parametrize("device,case", CASES[:2] + [c for c in CASES if c.values[0] == "cuda"][:2])
 def test_selection_on_kernel_scores(device, case):
     p = make_problem(case, device)
