@@ -64,8 +64,9 @@ def _select_kernel(
     # is monotone in v. Invariant: false at lo, true at hi (0x7F800000, +inf's pattern, which
     # no mass has, stands for "nothing kept" when even base >= lim). hi - lo < 2^31 keeps the
     # bounds and mid in int32 (5 instructions per step, 14 in int64); 31 halvings end at
-    # width 1. (Stopping once the window held one level, checked every 4 halvings, was 8 %
-    # faster at 32K but 43 % slower at 128K on near-uniform masses: selection_7420aea_h100.json.)
+    # width 1. (Stopping once the window held one level, checked every 4 halvings, ran no
+    # faster at 32K and 53 % slower at 128K on near-uniform masses, which need most of the 31:
+    # benchmarks/results/selection_80fdb2f_vs_early_exit_h100.json.)
     lo = tl.full([], -1, tl.int32)
     hi = tl.full([], 0x7F800000, tl.int32)
     for _ in range(31):
