@@ -358,7 +358,7 @@ def test_selection_exact_quantized_property(seed, n_blocks, mode, tau, k):
        zeros=st.floats(0.0, 0.5))
 def test_selection_exact_masses_of_every_magnitude(seed, tau, zeros):
     """Masses m * 2^e (m 1..7, e -12..3: up to 56, so bit levels above 2^30, where the search's
-    bounds must not overflow) with zeros and ties: sums stay exact, so the kernel's early-stopping
+    32-bit bounds must not overflow) with zeros and ties: sums stay exact, so the kernel's
     bisection must equal the reference's sort exactly."""
     if not INTERPRET:
         pytest.skip("CPU interpreter variant")
