@@ -108,8 +108,9 @@ def mma_loop(sass: str, first: int | None = None) -> dict:
 
 
 def scoring_loop(stride: int, variant: str | None = None, head_dim: int = 128) -> list[dict]:
-    """The scoring kernel's (or a probe variant's) MMA loops at the default tile, and its shared
-    memory, compiled for sm_90a as serving launches it."""
+    """The scoring kernel's (or a probe variant's) MMA loops at the default tile, its shared
+    memory and its register spills (STL / LDL anywhere in the kernel), compiled for sm_90a as
+    serving launches it."""
     from vllm_xattn.kernels import scoring
 
     if variant:
@@ -127,8 +128,9 @@ def scoring_loop(stride: int, variant: str | None = None, head_dim: int = 128) -
                  types=types, shared=shared)
     loops = mma_loops(sass)
     names = ["whole tiles", "edge tiles"] if len(loops) == 2 else [None] * len(loops)
+    spills = dict(kernel_spill_stores=len(re.findall(r"\bSTL\b", sass)), kernel_spill_loads=len(re.findall(r"\bLDL\b", sass)))
     return [dict(kernel=f"scoring{', ' + variant if variant else ''}{', ' + nm if nm else ''}", stride=stride,
-                 shared_bytes=shared[0], **loop) for nm, loop in zip(names, loops)]
+                 shared_bytes=shared[0], **spills, **loop) for nm, loop in zip(names, loops)]
 
 
 def gemm_loop() -> dict:
