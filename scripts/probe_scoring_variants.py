@@ -82,6 +82,12 @@ def _lines_between(src: str, first: str, last: str) -> str:
     return src[a:b]
 
 
+def _indented(text: str, delta: int) -> str:
+    """``text`` with every non-blank line moved ``delta`` spaces right (left if negative)."""
+    return "".join((" " * delta + line if delta >= 0 else line[-delta:]) + "\n" if line.strip() else "\n"
+                   for line in text.splitlines())
+
+
 # The per-key-tile softmax and scratch stores, as they stand in the kernel.
 EPILOGUE = _lines_between(SRC.read_text(), "if kt * BLOCK_N + BLOCK_N - 1 > a0:", "tl.store(scr_m + kt * BLOCK_M + offs_m, m_new)")
 NO_EPILOGUE = "            l_i = l_i + tl.sum(acc, 1)\n            m_i = tl.zeros([BLOCK_M], tl.float32)\n"
@@ -112,7 +118,7 @@ FLAT_TMA = """        n_kt_loop = n_kt
                 acc = tl.dot(q, k.to(q.dtype), acc, input_precision=PREC)
                 if it == S * ND - 1:
                     cols = kt * BLOCK_N + offs_n
-""" + "".join("        " + line + "\n" if line.strip() else "\n" for line in EPILOGUE.splitlines()) + """\
+""" + _indented(EPILOGUE, 8) + """\
                     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
 """
 # ``half-last-tile``: a whole tile whose right half lies wholly past the diagonal (the last tile
@@ -124,20 +130,16 @@ FLAT_TMA = """        n_kt_loop = n_kt
 _K_DESC = "                                           block_shape=[BLOCK_N, BLOCK_D])\n"
 _TMA_GEMM = _lines_between(SRC.read_text(), "k_tok = k0 + kt * BLOCK_N * S",
                            "acc = tl.dot(q, k.to(q.dtype), acc, input_precision=PREC)")
+# The kernel's whole-tile loop at half width: its own descriptor, accumulator and key tile.
+_HALF_LOOP = (_TMA_GEMM.replace("k = k_desc.load", "k_h = kh_desc.load").replace("k = k.to(", "k_h = k_h.to(")
+              .replace("acc = tl.dot(q, k.to(q.dtype), acc,", "acc_h = tl.dot(q, k_h.to(q.dtype), acc_h,"))
 HALF_GEMM = """                    if kt * BLOCK_N + BLOCK_N // 2 > a0 + BLOCK_M - 1:
                         acc_h = tl.zeros([BLOCK_M, BLOCK_N // 2], tl.float32)
-                        k_tok = k0 + kt * BLOCK_N * S
-                        for it in range(0, S * ND):
-                            t = it // ND
-                            dc = (it % ND) * BLOCK_D
-                            tok = q_tok - t
-                            q = q_desc.load([tok // S, (tok % S) * s_qt + h * s_qh + dc])
-                            k_h = kh_desc.load([(k_tok + t) // S, ((k_tok + t) % S) * s_ct + hk * s_ch + dc]).T
-                            acc_h = tl.dot(q, k_h.to(q.dtype), acc_h, input_precision=PREC)
+""" + _indented(_HALF_LOOP, 4) + """\
                         empty = tl.full([BLOCK_M, BLOCK_N // 2], float("-inf"), tl.float32)
                         acc = tl.reshape(tl.permute(tl.join(acc_h, empty), (0, 2, 1)), (BLOCK_M, BLOCK_N))
                     else:
-""" + "".join("    " + line + "\n" if line.strip() else "\n" for line in _TMA_GEMM.splitlines())
+""" + _indented(_TMA_GEMM, 4)
 # ``half-last-tile-own-epilogue``: the same half tile with its own half-width softmax epilogue and
 # zeros stored for the empty half, as probe 8 did in the masked-load kernel.
 _TILE_BODY = _lines_between(SRC.read_text(), "acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)",
@@ -148,14 +150,7 @@ HALF_TILE_OWN_EPILOGUE = """            half = False
                         & (kt * BLOCK_N + BLOCK_N // 2 > a0 + BLOCK_M - 1))
             if half:
                 acc_h = tl.zeros([BLOCK_M, BLOCK_N // 2], tl.float32)
-                k_tok = k0 + kt * BLOCK_N * S
-                for it in range(0, S * ND):
-                    t = it // ND
-                    dc = (it % ND) * BLOCK_D
-                    tok = q_tok - t
-                    q = q_desc.load([tok // S, (tok % S) * s_qt + h * s_qh + dc])
-                    k_h = kh_desc.load([(k_tok + t) // S, ((k_tok + t) % S) * s_ct + hk * s_ch + dc]).T
-                    acc_h = tl.dot(q, k_h.to(q.dtype), acc_h, input_precision=PREC)
+""" + _indented(_HALF_LOOP, -4) + """\
                 cols_h = kt * BLOCK_N + tl.arange(0, BLOCK_N // 2)
                 acc_h = tl.where(cols_h[None, :] <= rows[:, None], acc_h, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(acc_h, 1) * qk_scale)
@@ -168,7 +163,7 @@ HALF_TILE_OWN_EPILOGUE = """            half = False
                 tl.store(scr_p + kt * (BLOCK_M * NB_T) + h_offs + NB_T // 2, tl.zeros_like(psum_h))
                 tl.store(scr_m + kt * BLOCK_M + offs_m, m_new)
             else:
-""" + "".join("    " + line + "\n" if line.strip() else "\n" for line in _TILE_BODY.splitlines())
+""" + _indented(_TILE_BODY, 4)
 _KH_DESC = (_K_DESC, _K_DESC + "        kh_desc = tl.make_tensor_descriptor(kc_ptr, shape=[k_rows_s, S * s_ct], "
                                "strides=[S * s_ct, 1], block_shape=[BLOCK_N // 2, BLOCK_D])\n")
 VARIANTS = {
