@@ -110,8 +110,8 @@ class SparseStep:
     tok_start: int  # their query rows lie in [tok_start, tok_end) of the batch
     tok_end: int
     # (first token relative to tok_start, packed row, tokens) per run of adjacent sparse
-    # requests (``SparseSplit.runs``); None: one run, all of [tok_start, tok_end).
-    runs: tuple[tuple[int, int, int], ...] | None = None
+    # requests (``SparseSplit.runs``); one run, all of [tok_start, tok_end), if they are adjacent.
+    runs: tuple[tuple[int, int, int], ...]
     # The executor's mini-requests over the head-major query, per selection granularity,
     # derived from the plan once per step instead of in every layer: query offsets, and for an
     # order other than the layout's, each packed row's position and the query lengths
@@ -131,7 +131,8 @@ class SparseStep:
         """``plan`` on the host; ``executor`` plans its own part here, once per step (for
         FlashInfer the expensive host ``plan()``), never per layer. ``block_table_rows``: the
         sparse requests' rows of ``block_table`` (the batch's), gathered on the device; None:
-        ``block_table`` is theirs already."""
+        ``block_table`` is theirs already. ``runs``: ``SparseSplit.runs``; None: the plan's
+        requests are adjacent, one run over ``[tok_start, tok_end)``."""
         order = (executor or FA3).mini_order(plan, selection_heads=selection_heads)
         candidates = plan.causal_blocks()
         ex_step = (executor.plan_step(plan, selection_heads=selection_heads, device=device)
@@ -140,10 +141,8 @@ class SparseStep:
         dev_plan, row_pos, cu, used_q, rows = plan.to(device, *order, rows)  # one pinned copy
         if rows is not None:
             block_table = block_table.index_select(0, rows)
-        if runs is not None and len(runs) == 1 and runs[0] == (0, 0, tok_end - tok_start):
-            runs = None
-        return cls(plan=dev_plan, block_table=block_table, tok_start=tok_start,
-                   tok_end=tok_end, runs=runs, mini_cu_seqlens_q=cu, mini_row_pos=row_pos,
+        return cls(plan=dev_plan, block_table=block_table, tok_start=tok_start, tok_end=tok_end,
+                   runs=runs or ((0, 0, tok_end - tok_start),), mini_cu_seqlens_q=cu, mini_row_pos=row_pos,
                    mini_seqused_q=used_q, executor=executor, executor_step=ex_step,
                    candidate_blocks=candidates)
 
@@ -151,7 +150,7 @@ class SparseStep:
     def from_split(cls, split: SparseSplit, *, block_table, **kw) -> "SparseStep":
         """The step of ``plan_sparse_requests``'s split; ``block_table``: the batch's."""
         reqs = split.requests
-        contiguous = reqs[-1] - reqs[0] + 1 == len(reqs)
+        contiguous = len(split.runs) == 1  # adjacent requests: a slice of the batch's block table
         return cls.from_host_plan(
             split.plan, block_table=block_table[reqs[0]: reqs[-1] + 1] if contiguous else block_table,
             block_table_rows=None if contiguous else reqs, tok_start=split.tok_start,
@@ -161,9 +160,6 @@ class SparseStep:
     def num_tokens(self) -> int:
         """Query rows the sparse path computes."""
         return self.plan.num_q_tokens
-
-    def token_runs(self) -> tuple[tuple[int, int, int], ...]:
-        return self.runs or ((0, 0, self.tok_end - self.tok_start),)
 
 
 class ScratchPool:
@@ -295,14 +291,13 @@ class SparsePrefill:
         group = self.hq // self.hkv if cfg.granularity == "kv_group" else 1
         heads = self.hq // group
         q_hm = pool.q[: T * self.hq * self.d].view(heads, T, group, self.d)
-        runs = step.token_runs()
-        for src, dst, n in runs:
+        for src, dst, n in step.runs:
             copy_tokens_heads(q_hm.transpose(0, 1)[dst:dst + n], q[src:src + n].reshape(n, heads, group, self.d))
         o_hm = pool.out[: T * self.hq * self.d].view(heads, T, group, self.d)
         step.executor.run(q_hm.view(heads * T, group, self.d), o_hm.view(heads * T, group, self.d),
                           counts, ids, kv_cache, step, pool, granularity=cfg.granularity,
                           num_kv_heads=self.hkv, scale=self.scale)
         out = output[step.tok_start:step.tok_end]
-        for src, dst, n in runs:
+        for src, dst, n in step.runs:
             copy_tokens_heads(out[src:src + n].view(n, heads, group, self.d), o_hm.transpose(0, 1)[dst:dst + n])
         return counts

@@ -41,7 +41,7 @@ class PageListExecutor:
 
 
 @pytest.mark.parametrize("query_lens, seq_lens, sparse, runs", [
-    (QUERY_LENS, SEQ_LENS, [3, 4, 5], None),  # contiguous: one run, the batch's block-table rows
+    (QUERY_LENS, SEQ_LENS, [3, 4, 5], ((0, 0, 480),)),  # adjacent: one run, the batch's block-table rows
     (MIXED_QUERY_LENS, MIXED_SEQ_LENS, [1, 3, 5], ((0, 0, 70), (160, 70, 200), (361, 270, 150))),
 ])
 @pytest.mark.parametrize("granularity", ["head", "kv_group"])
