@@ -49,6 +49,12 @@ temporary module (so the product kernel carries no diagnostic switches):
   executors copy it to anyway), where a super-row is S*D contiguous elements instead of S rows
   of the token-major query.
 
+With ``--serving`` the plan and keys are serving's (a fresh prompt's whole tiles read the
+layer's own keys, no copy), and ``--with-selection`` also times selection + page lists on the
+kernel's scores in the same rounds: each record's ``ratio_with_selection`` is then what
+``bench_scoring.py`` measures for the kernel, and for ``no-epilogue`` the bound that hiding the
+softmax entirely (FA3's ping-pong at its best) could reach.
+
     python scripts/probe_scoring_variants.py --out benchmarks/results/scoring_probe_h100.json
 """
 from __future__ import annotations
@@ -65,8 +71,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (  # noqa: E402
-    SHAPES, causal_flops, dense_fa3, paged_inputs, time_interleaved, write_records,
+    SHAPES, causal_flops, dense_fa3, paged_inputs, step_keys, time_interleaved, write_records,
 )
+from bench_scoring import pipeline, serving_plan  # noqa: E402
 
 from scoring_ws_prototype import antidiagonal_scores_paged_ws  # noqa: E402
 
@@ -74,6 +81,9 @@ from vllm_xattn.kernels import copy_keys, plan_prefill  # noqa: E402
 
 SRC = Path(__file__).resolve().parents[1] / "kernels" / "scoring.py"
 DENSE = "dense FA3"
+SELECTION = "selection + page lists"  # timed on the kernel's scores (--with-selection)
+
+
 def _lines_between(src: str, first: str, last: str) -> str:
     """The whole lines of ``src`` from the one starting with ``first`` to the one containing ``last``."""
     a = src.index(first)
@@ -212,6 +222,10 @@ def main():
                     help="also time this earlier copy of kernels/scoring.py as variant 'baseline'")
     ap.add_argument("--only", nargs="+", help="time only these variants")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per case")
+    ap.add_argument("--serving", action="store_true",
+                    help="plan and keys as serving makes them (the layer's own keys, no key copy)")
+    ap.add_argument("--with-selection", action="store_true",
+                    help="also time selection + page lists; records get ratio_with_selection")
     ap.add_argument("--programs", type=int, nargs="*", default=[],
                     help="also time the real kernel on this many persistent programs (default: one per SM; 2 x SMs until d9d840b)")
     args = ap.parse_args()
@@ -232,9 +246,14 @@ def main():
         dense = dense_fa3(q, kv, bt, cu_q, sl)
         dense_fl = causal_flops([n], [n], hq, d)
         for S in args.strides:
-            plan = plan_prefill(cu_q, sl, block_size=128, stride=S).to("cuda")
+            if args.serving:
+                plan = serving_plan(cu_q, sl, S, dims, "serving").to("cuda")
+                keys = step_keys(kv, bt, cu_q, sl, hq)
+            else:
+                plan, keys = plan_prefill(cu_q, sl, block_size=128, stride=S).to("cuda"), None
             flops = dense_fl / (2 * S)  # the strided causal GEMM
-            cases = {name: (lambda m=m: m.antidiagonal_scores_paged(q, kv, bt, plan)) for name, m in mods.items()}
+            cases = {name: (lambda m=m: m.antidiagonal_scores_paged(q, kv, bt, plan, keys=keys))
+                     for name, m in mods.items()}
             cases["contiguous-pages"] = lambda: scoring.antidiagonal_scores_paged(q, kv, ordered, plan)
             cases["stages-3"] = lambda: scoring.antidiagonal_scores_paged(q, kv, bt, plan, num_stages=3)
             # the query in the executors' head-major copy: a super-row is S*D contiguous elements
@@ -254,30 +273,39 @@ def main():
             cases["head-major-q, block_m 64"] = lambda: scoring.antidiagonal_scores_paged(q_hm, kv, bt, plan64)
             cases["masked loads only"] = lambda: scoring.antidiagonal_scores_paged(q, kv, bt, plan, tma=False)
             cases["key copy alone"] = lambda: copy_keys(kv, bt, plan)
-            want = scoring.antidiagonal_scores_paged(q, kv, bt, plan)
+            want = scoring.antidiagonal_scores_paged(q, kv, bt, plan, keys=keys)
+            if args.with_selection:  # on the kernel's scores, as bench_scoring.py runs it
+                _, _, select, lists = pipeline(q, kv, bt, plan, threshold=0.9, keys=keys)
+                cases[SELECTION] = lambda: lists(*select(want))
             for name in ("head-major-q", "baseline", "ws-prototype", "heads-outer", "no-load-masks",
                          "masked loads only", "flat-tma", "half-last-tile"):
                 if name in cases and (not args.only or name in args.only):
                     assert torch.allclose(cases[name](), want, rtol=1e-4, atol=1e-6), name
-            cases = {k: f for k, f in cases.items() if not args.only or k in args.only}
+            cases = {k: f for k, f in cases.items() if not args.only or k in args.only or k == SELECTION}
             for fn in cases.values():
                 fn()
             # dense FA3 in the same rounds: drift lands on all alike, ratios are taken per round
             times = time_interleaved({DENSE: dense, **cases}, rounds=args.rounds, rep=100)
             dense_ts = times.pop(DENSE)
             dense_ms = median(dense_ts)
+            sel_ts = times.get(SELECTION)
             for name, ts in times.items():
                 ms = median(ts)
                 rec = dict(variant=name, shape="llama-3.1-8b", seq_len=n, stride=S, ms=ms, round_ms=ts,
                            gemm_tflops=flops / ms / 1e9, dense_fa3_ms=dense_ms, dense_round_ms=dense_ts,
                            dense_tflops=dense_fl / dense_ms / 1e9,
-                           ratio=median(t / td for t, td in zip(ts, dense_ts)))
+                           ratio=median(t / td for t, td in zip(ts, dense_ts)), serving=args.serving)
+                if sel_ts and name != SELECTION:  # the round's own selection time
+                    rec["ratio_with_selection"] = median((t + t_s) / td for t, t_s, td in zip(ts, sel_ts, dense_ts))
                 records.append(rec)
                 print({k: v for k, v in rec.items() if not k.endswith("round_ms")}, flush=True)
     write_records(Path(args.out), records, "python scripts/probe_scoring_variants.py " + " ".join(sys.argv[1:]))
-    print("\n| N | S | variant | ms | GEMM TF/s | ratio to dense FA3 |\n|---|---|---|---|---|---|")
+    print("\n| N | S | variant | ms | GEMM TF/s | ratio to dense FA3 | with selection + page lists |"
+          "\n|---|---|---|---|---|---|---|")
     for r in records:
-        print(f"| {r['seq_len']} | {r['stride']} | {r['variant']} | {r['ms']:.3f} | {r['gemm_tflops']:.0f} | {r['ratio']:.4f} |")
+        with_sel = f"{r['ratio_with_selection']:.4f}" if "ratio_with_selection" in r else ""
+        print(f"| {r['seq_len']} | {r['stride']} | {r['variant']} | {r['ms']:.3f} | {r['gemm_tflops']:.0f} "
+              f"| {r['ratio']:.4f} | {with_sel} |")
 
 
 if __name__ == "__main__":
