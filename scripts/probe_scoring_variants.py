@@ -42,6 +42,8 @@ temporary module (so the product kernel carries no diagnostic switches):
 - ``ws-prototype``: the warp-specialised Gluon kernel of ``scoring_ws_prototype.py`` (a loader
   warpgroup keeps a cp.async ring full across key tiles; two compute warpgroups run wgmma and
   the softmax; ``, no epilogue``: timing only), scores checked against the kernel first.
+  ``ws-pingpong lag L``: the same with each compute warpgroup on its own 64 rows, the second
+  L chunks behind the first, so one's softmax can run under the other's MMAs (FA3's ping-pong).
 - (``exp2-poly-Kof8``: K of each 8 of a thread's softmax exp2 on the FMA pipe by a degree-5
   polynomial, FlashAttention-4's trick, was here at 5afb230 with the kernel's ``exp2_poly``: no
   faster for K = 1-3, ``scoring_probe18_h100.json``.)
@@ -269,6 +271,11 @@ def main():
             # the warp-specialised Gluon prototype (scripts/scoring_ws_prototype.py)
             cases["ws-prototype"] = lambda: antidiagonal_scores_paged_ws(q, kv, bt, plan)
             cases["ws-prototype, no epilogue"] = lambda: antidiagonal_scores_paged_ws(q, kv, bt, plan, epilogue=False)
+            for lag in (0, 1, 2, 3):  # its two compute warpgroups apart, `lag` chunks behind
+                cases[f"ws-pingpong lag {lag}"] = (lambda lag=lag: antidiagonal_scores_paged_ws(
+                    q, kv, bt, plan, pingpong=True, lag=lag))
+            cases["ws-pingpong, no epilogue"] = lambda: antidiagonal_scores_paged_ws(
+                q, kv, bt, plan, pingpong=True, epilogue=False)
             plan64 = plan_prefill(cu_q, sl, block_size=128, stride=S, block_m=64).to("cuda")
             cases["head-major-q, block_m 64"] = lambda: scoring.antidiagonal_scores_paged(q_hm, kv, bt, plan64)
             cases["masked loads only"] = lambda: scoring.antidiagonal_scores_paged(q, kv, bt, plan, tma=False)
@@ -278,7 +285,8 @@ def main():
                 _, _, select, lists = pipeline(q, kv, bt, plan, threshold=0.9, keys=keys)
                 cases[SELECTION] = lambda: lists(*select(want))
             for name in ("head-major-q", "baseline", "ws-prototype", "heads-outer", "no-load-masks",
-                         "masked loads only", "flat-tma", "half-last-tile"):
+                         "masked loads only", "flat-tma", "half-last-tile",
+                         *(f"ws-pingpong lag {lag}" for lag in (0, 1, 2, 3))):
                 if name in cases and (not args.only or name in args.only):
                     assert torch.allclose(cases[name](), want, rtol=1e-4, atol=1e-6), name
             cases = {k: f for k, f in cases.items() if not args.only or k in args.only or k == SELECTION}

@@ -114,19 +114,24 @@ def _loader(q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_p
 @gluon.jit
 def _compute(q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_ptr, queue_ptr,
              n_work, num_q_heads, group, s_qt, s_qh, s_kp, s_kh, s_kn, s_bt, s_ah, s_ar, max_kt, qk_scale,
-             q_ring, k_ring, ready, empty, wq_smem, wq_ready, wq_empty,
+             q_ring, k_ring, ready, empty, wq_smem, wq_ready, wq_empty, go,
              S: gl.constexpr, D: gl.constexpr, B: gl.constexpr, PAGE: gl.constexpr,
-             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, EPILOGUE: gl.constexpr):
+             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, EPILOGUE: gl.constexpr,
+             ROW0: gl.constexpr, ROWS: gl.constexpr, GO: gl.constexpr, LAG: gl.constexpr):
+    # Rows [ROW0, ROW0 + ROWS) of each work tile: all 128 in one 8-warp partition, or 64 in each
+    # of two 4-warp partitions (ping-pong). GO 1: arrive on ``go`` after LAG chunks; GO 2: wait
+    # for it first, so the second partition runs LAG chunks behind the first and each one's
+    # softmax can run under the other's MMAs.
     NW: gl.constexpr = gl.num_warps()
     ND: gl.constexpr = D // BLOCK_D
     BPS: gl.constexpr = B // S  # super-tokens per block
     NB_T: gl.constexpr = BLOCK_N // BPS  # key blocks per key tile
-    QB_T: gl.constexpr = BLOCK_M // BPS  # query blocks per work tile
+    QB_T: gl.constexpr = ROWS // BPS  # query blocks in this partition's rows
     acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
                                                     instr_shape=[16, BLOCK_N, 16])
     one_l: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
     row_l: gl.constexpr = gl.SliceLayout(1, acc_l)
-    offs_m = gl.arange(0, BLOCK_M, row_l)
+    offs_m = gl.arange(0, ROWS, row_l)
     offs_n = gl.arange(0, BLOCK_N, gl.SliceLayout(0, acc_l))
     # This program's private scratch: [max_kt, BLOCK_M, NB_T] partial sums, [max_kt, BLOCK_M] maxima.
     pid = gl.program_id(0)
@@ -135,6 +140,8 @@ def _compute(q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_
     it = 0
     t = 0
     w = 0
+    if GO == 2:
+        mbarrier.wait(go, 0)
     while w < n_work:
         slot = t % QUEUE
         mbarrier.wait(wq_ready.index(slot), (t // QUEUE) & 1)
@@ -150,24 +157,27 @@ def _compute(q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_
             n = gl.load(req_ptr + 5 * r + 2)
             qb0 = gl.load(req_ptr + 5 * r + 3)
             qb_off = gl.load(req_ptr + 5 * r + 4)
-            rows = a0 + offs_m
+            rows = a0 + ROW0 + offs_m
             a_last = (n - 1) // S
             n_kt = gl.minimum(a0 + BLOCK_M - 1, a_last) // BLOCK_N + 1
-            m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_l)
-            l_i = gl.zeros([BLOCK_M], gl.float32, row_l)
+            m_i = gl.full([ROWS], float("-inf"), gl.float32, row_l)
+            l_i = gl.zeros([ROWS], gl.float32, row_l)
             for kt in range(n_kt):
-                acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_l)
+                acc = gl.zeros([ROWS, BLOCK_N], gl.float32, acc_l)
                 for i in range(S * ND):
                     s = it % NUM_STAGES
                     mbarrier.wait(ready.index(s), (it // NUM_STAGES) & 1)
                     fence_async_shared()  # cp.async (generic proxy) writes -> wgmma (async proxy) reads
-                    acc = warpgroup_mma(q_ring.index(s), k_ring.index(s).permute((1, 0)), acc,
+                    acc = warpgroup_mma(q_ring.index(s).slice(ROW0, ROWS), k_ring.index(s).permute((1, 0)), acc,
                                         use_acc=i > 0, is_async=True)
                     # one MMA in flight: the previous stage's has retired, give it back
                     acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
                     if i > 0:
                         mbarrier.arrive(empty.index((it - 1) % NUM_STAGES))
                     it += 1
+                    if GO == 1:
+                        if it == LAG:
+                            mbarrier.arrive(go)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
                 mbarrier.arrive(empty.index((it - 1) % NUM_STAGES))
 
@@ -178,14 +188,14 @@ def _compute(q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_
                         acc = gl.where(cols[None, :] <= rows[:, None], acc, float("-inf"))
                     m_new = gl.maximum(m_i, gl.max(acc, 1) * qk_scale)
                     p = gl.exp2(acc * qk_scale - m_new[:, None])
-                    psum = gl.sum(gl.reshape(p, [BLOCK_M, NB_T, BPS]), axis=2)  # per (row, key block)
+                    psum = gl.sum(gl.reshape(p, [ROWS, NB_T, BPS]), axis=2)  # per (row, key block)
                     red_l: gl.constexpr = psum.type.layout
                     l_i = l_i * gl.exp2(m_i - m_new) + gl.convert_layout(gl.sum(psum, 1), row_l)
                     m_i = m_new
-                    pr = gl.arange(0, BLOCK_M, gl.SliceLayout(1, red_l))
+                    pr = ROW0 + gl.arange(0, ROWS, gl.SliceLayout(1, red_l))
                     pc = gl.arange(0, NB_T, gl.SliceLayout(0, red_l))
                     gl.store(scr_p + kt * (BLOCK_M * NB_T) + pr[:, None] * NB_T + pc[None, :], psum)
-                    gl.store(scr_m + kt * BLOCK_M + offs_m, m_new)
+                    gl.store(scr_m + kt * BLOCK_M + ROW0 + offs_m, m_new)
                 else:  # timing only (scores wrong): how fast is the MMA feed alone?
                     l_i = l_i + gl.sum(acc, 1)
             gl.thread_barrier()  # scratch written by other threads of this partition
@@ -193,7 +203,7 @@ def _compute(q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_
             # Rescale to the final (m, l) and pool rows into query blocks (as kernels/scoring.py).
             sc_l: gl.constexpr = gl.BlockedLayout([1, 1], [32 // NB_T if NB_T < 32 else 1, NB_T if NB_T < 32 else 32],
                                                   [NW, 1], [1, 0])
-            sr = gl.arange(0, BLOCK_M, gl.SliceLayout(1, sc_l))
+            sr = ROW0 + gl.arange(0, ROWS, gl.SliceLayout(1, sc_l))
             sc = gl.arange(0, NB_T, gl.SliceLayout(0, sc_l))
             rows_s = a0 + sr
             row_ok = (rows_s >= ctx // S) & (rows_s <= a_last)
@@ -205,13 +215,16 @@ def _compute(q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_
                 wgt = gl.exp2(m_t - m_fin) * inv_l
                 blk = gl.sum(gl.reshape(ps * wgt[:, None], [QB_T, BPS, NB_T]), axis=1)
                 blk_l: gl.constexpr = blk.type.layout
-                qblk = a0 // BPS + gl.arange(0, QB_T, gl.SliceLayout(1, blk_l))
+                qblk = (a0 + ROW0) // BPS + gl.arange(0, QB_T, gl.SliceLayout(1, blk_l))
                 jcols = kt * NB_T + gl.arange(0, NB_T, gl.SliceLayout(0, blk_l))
                 out_rows = qb_off + qblk - qb0
                 a_rows = a_ptr + h.to(gl.int64) * s_ah + out_rows.to(gl.int64)[:, None] * s_ar
                 ok = (qblk <= (n - 1) // B)[:, None] & (jcols < (n - 1) // B + 1)[None, :]
                 gl.store(a_rows + jcols[None, :], blk, mask=ok)
             gl.thread_barrier()  # before the next work item overwrites the scratch
+    if GO == 1:
+        if it < LAG:  # fewer chunks in all than the lag: release the other partition anyway
+            mbarrier.arrive(go)
 
 
 @gluon.jit
@@ -219,7 +232,8 @@ def _score_ws_kernel(q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_p
                      n_work, num_q_heads, group, s_qt, s_qh, s_kp, s_kh, s_kn, s_bt, s_ah, s_ar, max_kt, qk_scale,
                      S: gl.constexpr, D: gl.constexpr, B: gl.constexpr, PAGE: gl.constexpr,
                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-                     LOADER_REGS: gl.constexpr, EPILOGUE: gl.constexpr):
+                     LOADER_REGS: gl.constexpr, EPILOGUE: gl.constexpr, PINGPONG: gl.constexpr,
+                     COMPUTE_REGS: gl.constexpr, LAG: gl.constexpr):
     dtype: gl.constexpr = q_ptr.dtype.element_ty
     q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_D], dtype)
     k_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_D], dtype)
@@ -230,32 +244,59 @@ def _score_ws_kernel(q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_p
     wq_smem = gl.allocate_shared_memory(gl.int32, [QUEUE, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     wq_ready = gl.allocate_shared_memory(gl.int64, [QUEUE, 1], mbarrier.MBarrierLayout())
     wq_empty = gl.allocate_shared_memory(gl.int64, [QUEUE, 1], mbarrier.MBarrierLayout())
+    go = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    N_COMPUTE: gl.constexpr = 2 if PINGPONG else 1  # compute partitions
     for i in gl.static_range(NUM_STAGES):
         mbarrier.init(ready.index(i), count=4 * 32)  # each loader thread's cp.async arrival
-        mbarrier.init(empty.index(i), count=1)  # one arrival after the compute partition's barrier
+        mbarrier.init(empty.index(i), count=N_COMPUTE)  # one arrival per compute partition
     for i in gl.static_range(QUEUE):
         mbarrier.init(wq_ready.index(i), count=1)
-        mbarrier.init(wq_empty.index(i), count=1)
+        mbarrier.init(wq_empty.index(i), count=N_COMPUTE)
+    mbarrier.init(go, count=1)
     # (the argument tuples are written out: a tuple held in a variable turns the constexprs
     # into tensors)
-    gl.warp_specialize([
-        (_compute, (q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_ptr, queue_ptr,
-                    n_work, num_q_heads, group, s_qt, s_qh, s_kp, s_kh, s_kn, s_bt, s_ah, s_ar, max_kt,
-                    qk_scale, q_ring, k_ring, ready, empty, wq_smem, wq_ready, wq_empty,
-                    S, D, B, PAGE, BLOCK_M, BLOCK_N, NUM_STAGES, EPILOGUE)),
-        (_loader, (q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_ptr, queue_ptr,
-                   n_work, num_q_heads, group, s_qt, s_qh, s_kp, s_kh, s_kn, s_bt, s_ah, s_ar, max_kt,
-                   qk_scale, q_ring, k_ring, ready, empty, wq_smem, wq_ready, wq_empty,
-                   S, D, B, PAGE, BLOCK_M, BLOCK_N, NUM_STAGES)),
-    ], [4], [LOADER_REGS])
+    if PINGPONG:  # two 64-row compute warpgroups on their own, LAG chunks apart
+        gl.warp_specialize([
+            (_compute, (q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_ptr, queue_ptr,
+                        n_work, num_q_heads, group, s_qt, s_qh, s_kp, s_kh, s_kn, s_bt, s_ah, s_ar, max_kt,
+                        qk_scale, q_ring, k_ring, ready, empty, wq_smem, wq_ready, wq_empty, go,
+                        S, D, B, PAGE, BLOCK_M, BLOCK_N, NUM_STAGES, EPILOGUE, 0, BLOCK_M // 2,
+                        1 if LAG > 0 else 0, LAG)),
+            (_compute, (q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_ptr, queue_ptr,
+                        n_work, num_q_heads, group, s_qt, s_qh, s_kp, s_kh, s_kn, s_bt, s_ah, s_ar, max_kt,
+                        qk_scale, q_ring, k_ring, ready, empty, wq_smem, wq_ready, wq_empty, go,
+                        S, D, B, PAGE, BLOCK_M, BLOCK_N, NUM_STAGES, EPILOGUE, BLOCK_M // 2, BLOCK_M // 2,
+                        2 if LAG > 0 else 0, LAG)),
+            (_loader, (q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_ptr, queue_ptr,
+                       n_work, num_q_heads, group, s_qt, s_qh, s_kp, s_kh, s_kn, s_bt, s_ah, s_ar, max_kt,
+                       qk_scale, q_ring, k_ring, ready, empty, wq_smem, wq_ready, wq_empty,
+                       S, D, B, PAGE, BLOCK_M, BLOCK_N, NUM_STAGES)),
+        ], [4, 4], [COMPUTE_REGS, LOADER_REGS])
+    else:
+        # (the argument tuples are written out: a tuple held in a variable turns the constexprs
+        # into tensors)
+        gl.warp_specialize([
+            (_compute, (q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_ptr, queue_ptr,
+                        n_work, num_q_heads, group, s_qt, s_qh, s_kp, s_kh, s_kn, s_bt, s_ah, s_ar, max_kt,
+                        qk_scale, q_ring, k_ring, ready, empty, wq_smem, wq_ready, wq_empty, go,
+                        S, D, B, PAGE, BLOCK_M, BLOCK_N, NUM_STAGES, EPILOGUE, 0, BLOCK_M, 0, 0)),
+            (_loader, (q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_ptr, queue_ptr,
+                       n_work, num_q_heads, group, s_qt, s_qh, s_kp, s_kh, s_kn, s_bt, s_ah, s_ar, max_kt,
+                       qk_scale, q_ring, k_ring, ready, empty, wq_smem, wq_ready, wq_empty,
+                       S, D, B, PAGE, BLOCK_M, BLOCK_N, NUM_STAGES)),
+        ], [4], [LOADER_REGS])
 
 
 def antidiagonal_scores_paged_ws(
     q: Tensor, kv_cache: Tensor, block_table: Tensor, plan: XAttnPlan, *,
     num_programs: int | None = None, out: Tensor | None = None, workspace: Tensor | None = None,
     num_stages: int = 4, loader_regs: int = 112, epilogue: bool = True,
+    pingpong: bool = False, compute_regs: int = 200, lag: int = 2,
 ) -> Tensor:
-    """``antidiagonal_scores_paged`` through the warp-specialised kernel (same contract)."""
+    """``antidiagonal_scores_paged`` through the warp-specialised kernel (same contract).
+    ``pingpong``: two 64-row compute warpgroups, each on its own, the second ``lag`` chunks
+    behind the first (0: no stagger; below ``num_stages``, since the loader refills a stage only
+    once both have read it)."""
     check_scoring_inputs(q, kv_cache, block_table, plan)
     _, hq, d = q.shape
     hkv = kv_cache.shape[1]
@@ -270,6 +311,8 @@ def antidiagonal_scores_paged_ws(
         raise ValueError(f"needs 16-byte aligned rows: strides {strides}")
     if plan.block_m != 128 or plan.block_n > 256:  # two warpgroups of 64 rows; wgmma N <= 256
         raise ValueError(f"needs block_m 128 and block_n <= 256, got {plan.block_m} / {plan.block_n}")
+    if pingpong and not 0 <= lag < num_stages:
+        raise ValueError(f"lag {lag} must be in [0, num_stages {num_stages})")
     n_work = plan.num_tiles * hq
     nprog = num_programs or max(1, min(n_work, scoring_programs(q.device)))
     out, scr_p, scr_m, queue = scoring_buffers(plan, hq, nprog, q.device, out, workspace)
@@ -279,13 +322,15 @@ def antidiagonal_scores_paged_ws(
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), block_table.stride(0),
         out.stride(0), out.stride(1), plan.max_key_tiles, scoring_qk_scale(d, S),
         S=S, D=d, B=B, PAGE=page, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
-        NUM_STAGES=num_stages, LOADER_REGS=loader_regs, EPILOGUE=epilogue, num_warps=8,
+        NUM_STAGES=num_stages, LOADER_REGS=loader_regs, EPILOGUE=epilogue, PINGPONG=pingpong,
+        COMPUTE_REGS=compute_regs, LAG=lag, num_warps=4 if pingpong else 8,
     )
     return out
 
 
 def compile_report(stride: int, head_dim: int, *, block_size: int = 128, page: int = 16, block_n: int = 256,
-                   num_stages: int = 4, loader_regs: int = 112) -> dict:
+                   num_stages: int = 4, loader_regs: int = 112, pingpong: bool = False,
+                   compute_regs: int = 200, lag: int = 2) -> dict:
     """Compile the kernel for sm_90a without a GPU (Triton's own ptxas) and report what ptxas
     says. Gluon must be imported without TRITON_INTERPRET (its reductions are jit functions)."""
     import triton
@@ -295,10 +340,11 @@ def compile_report(stride: int, head_dim: int, *, block_size: int = 128, page: i
     from sass_loop import sm90_signature
 
     consts = dict(S=stride, D=head_dim, B=block_size, PAGE=page, BLOCK_M=128, BLOCK_N=block_n,
-                  NUM_STAGES=num_stages, LOADER_REGS=loader_regs, EPILOGUE=True)
+                  NUM_STAGES=num_stages, LOADER_REGS=loader_regs, EPILOGUE=True, PINGPONG=pingpong,
+                  COMPUTE_REGS=compute_regs, LAG=lag)
     sig, attrs = sm90_signature(_score_ws_kernel, consts)
     k = triton.compile(GluonASTSource(fn=_score_ws_kernel, signature=sig, constexprs=consts, attrs=attrs),
-                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4 if pingpong else 8))
     with tempfile.TemporaryDirectory() as tmp:
         ptx = Path(tmp) / "k.ptx"
         ptx.write_text(k.asm["ptx"])
@@ -318,5 +364,9 @@ if __name__ == "__main__":
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--page", type=int, default=16)
     ap.add_argument("--block-n", type=int, default=256)
+    ap.add_argument("--pingpong", action="store_true", help="two 64-row compute warpgroups, staggered")
+    ap.add_argument("--compute-regs", type=int, default=200, help="registers of the second compute warpgroup")
+    ap.add_argument("--lag", type=int, default=2)
     a = ap.parse_args()
-    print(json.dumps(compile_report(*a.compile, block_size=a.block_size, page=a.page, block_n=a.block_n)))
+    print(json.dumps(compile_report(*a.compile, block_size=a.block_size, page=a.page, block_n=a.block_n,
+                                    pingpong=a.pingpong, compute_regs=a.compute_regs, lag=a.lag)))

@@ -20,6 +20,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "scoring_ws_prototype
 @pytest.mark.parametrize("stride, head_dim, extra", [
     (8, 128, []), (16, 128, []), (8, 64, []),
     (4, 64, ["--block-size", "64", "--page", "32", "--block-n", "128"]),
+    (8, 128, ["--pingpong"]), (16, 128, ["--pingpong"]),
 ])
 def test_compiles_for_sm90a_without_spills(stride, head_dim, extra):
     # in a fresh process without TRITON_INTERPRET: Gluon does not compile under the interpreter
@@ -29,11 +30,13 @@ def test_compiles_for_sm90a_without_spills(stride, head_dim, extra):
     assert res.returncode == 0, res.stderr[-3000:]
     rep = json.loads(res.stdout.strip().splitlines()[-1])
     assert rep["ptxas_ok"], rep["ptxas"]
-    assert rep["num_warps"] == 12  # 8 compute warps + the loader warpgroup
+    assert rep["num_warps"] == 12  # 8 compute warps (two warpgroups) + the loader warpgroup
     assert rep["shared_bytes"] <= 227 * 1024  # the H100's shared memory per block
     assert rep["spill_store_bytes"] == [0], rep["ptxas"]
-    # the register split: 112 for the loader warpgroup, the rest for the two compute warpgroups
-    assert ["inc", "112"] in rep["setmaxnreg"]
+    # the register split: 112 for the loader warpgroup, the rest for the compute warpgroups
+    assert any(reg == "112" for _, reg in rep["setmaxnreg"]), rep["setmaxnreg"]
+    if "--pingpong" in extra:  # the second compute warpgroup's own budget
+        assert ["inc", "200"] in rep["setmaxnreg"]
 
 
 WS_CASES = {  # (reqs [(Tq, N)], Hq, Hkv, D, B, S, page, block_m, block_n), as in test_kernels_interpret
@@ -47,12 +50,14 @@ WS_CASES = {  # (reqs [(Tq, N)], Hq, Hkv, D, B, S, page, block_m, block_n), as i
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
                     reason="needs a Hopper GPU")
 @pytest.mark.parametrize("case", list(WS_CASES))
-def test_scores_equal_the_triton_kernel(case):
+@pytest.mark.parametrize("mode", [{}, {"pingpong": True, "lag": 0}, {"pingpong": True, "lag": 2},
+                                  {"pingpong": True, "lag": 3}], ids=["one-compute", "pp-lag0", "pp-lag2", "pp-lag3"])
+def test_scores_equal_the_triton_kernel(case, mode):
     import scoring_ws_prototype as ws
 
     from tests.test_kernels_interpret import kernel_scores, make_problem
 
     p = make_problem(WS_CASES[case], "cuda", seed=1, dtype=torch.bfloat16)
     want = kernel_scores(p)
-    got = ws.antidiagonal_scores_paged_ws(p["q"].cuda(), p["kv"], p["bt"], p["plan"])
+    got = ws.antidiagonal_scores_paged_ws(p["q"].cuda(), p["kv"], p["bt"], p["plan"], **mode)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
