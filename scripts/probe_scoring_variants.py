@@ -44,6 +44,8 @@ temporary module (so the product kernel carries no diagnostic switches):
   the softmax; ``, no epilogue``: timing only), scores checked against the kernel first.
   ``ws-pingpong lag L``: the same with each compute warpgroup on its own 64 rows, the second
   L chunks behind the first, so one's softmax can run under the other's MMAs (FA3's ping-pong).
+  ``ws-prototype tma`` / ``ws-pingpong tma``: whole tiles loaded through TMA as the Triton
+  kernel's (with ``--serving``, from the layer's own keys).
 - (``exp2-poly-Kof8``: K of each 8 of a thread's softmax exp2 on the FMA pipe by a degree-5
   polynomial, FlashAttention-4's trick, was here at 5afb230 with the kernel's ``exp2_poly``: no
   faster for K = 1-3, ``scoring_probe18_h100.json``.)
@@ -276,6 +278,14 @@ def main():
                     q, kv, bt, plan, pingpong=True, lag=lag))
             cases["ws-pingpong, no epilogue"] = lambda: antidiagonal_scores_paged_ws(
                 q, kv, bt, plan, pingpong=True, epilogue=False)
+            # whole tiles through TMA, from the keys the Triton kernel reads (with --serving the layer's own)
+            cases["ws-prototype tma"] = lambda: antidiagonal_scores_paged_ws(q, kv, bt, plan, keys=keys, tma=True)
+            cases["ws-pingpong tma"] = lambda: antidiagonal_scores_paged_ws(
+                q, kv, bt, plan, pingpong=True, lag=0, keys=keys, tma=True)
+            cases["ws-pingpong tma, no epilogue"] = lambda: antidiagonal_scores_paged_ws(
+                q, kv, bt, plan, pingpong=True, lag=0, keys=keys, tma=True, epilogue=False)
+            cases["ws-prototype tma, no epilogue"] = lambda: antidiagonal_scores_paged_ws(
+                q, kv, bt, plan, keys=keys, tma=True, epilogue=False)
             plan64 = plan_prefill(cu_q, sl, block_size=128, stride=S, block_m=64).to("cuda")
             cases["head-major-q, block_m 64"] = lambda: scoring.antidiagonal_scores_paged(q_hm, kv, bt, plan64)
             cases["masked loads only"] = lambda: scoring.antidiagonal_scores_paged(q, kv, bt, plan, tma=False)
@@ -286,7 +296,7 @@ def main():
                 cases[SELECTION] = lambda: lists(*select(want))
             for name in ("head-major-q", "baseline", "ws-prototype", "heads-outer", "no-load-masks",
                          "masked loads only", "flat-tma", "half-last-tile",
-                         *(f"ws-pingpong lag {lag}" for lag in (0, 1, 2, 3))):
+                         *(f"ws-pingpong lag {lag}" for lag in (0, 1, 2, 3)), "ws-prototype tma", "ws-pingpong tma"):
                 if name in cases and (not args.only or name in args.only):
                     assert torch.allclose(cases[name](), want, rtol=1e-4, atol=1e-6), name
             cases = {k: f for k, f in cases.items() if not args.only or k in args.only or k == SELECTION}

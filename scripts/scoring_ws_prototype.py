@@ -34,11 +34,15 @@ import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
-    async_copy, fence_async_shared, mbarrier, warpgroup_mma, warpgroup_mma_wait,
+    async_copy, fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait,
 )
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from vllm_xattn.kernels.plan import XAttnPlan
-from vllm_xattn.kernels.scoring import check_scoring_inputs, scoring_buffers, scoring_programs, scoring_qk_scale
+from vllm_xattn.kernels import copy_keys
+from vllm_xattn.kernels.scoring import (
+    check_scoring_inputs, scoring_buffers, scoring_programs, scoring_qk_scale, tma_key_source,
+)
 
 Tensor = torch.Tensor
 _BLOCK_D = 64  # one stage: Q [BLOCK_M, 64] + K [BLOCK_N, 64], 48 KB at 128 x 256 (bf16)
@@ -50,8 +54,14 @@ QUEUE = gl.constexpr(2)  # work items in flight between the partitions
 def _loader(q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_ptr, queue_ptr,
             n_work, num_q_heads, group, s_qt, s_qh, s_kp, s_kh, s_kn, s_bt, s_ah, s_ar, max_kt, qk_scale,
             q_ring, k_ring, ready, empty, wq_smem, wq_ready, wq_empty,
+            q_desc, k_desc, koff_ptr, s_ct, s_ch,
             S: gl.constexpr, D: gl.constexpr, B: gl.constexpr, PAGE: gl.constexpr,
-            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
+            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, TMA: gl.constexpr):
+    # TMA: whole tiles (every row's S tokens inside the request, every key below N) read the
+    # query and the keys (``k_desc``: the layer's own keys or a contiguous copy, as the Triton
+    # kernel's TMA path) as boxes of rows S tokens apart; the tiles at a request's edges keep the
+    # masked cp.async gathers from the paged cache. Either way a stage's ``ready`` barrier
+    # completes after 4 x 32 arrivals (and, for TMA, the bytes).
     NW: gl.constexpr = gl.num_warps()
     ND: gl.constexpr = D // BLOCK_D
     # 16-byte vectors along the head dim: 8 lanes cover one 64-element row chunk
@@ -80,6 +90,9 @@ def _loader(q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_p
             n = gl.load(req_ptr + 5 * r + 2)
             rows = a0 + offs_m
             n_kt = gl.minimum(a0 + BLOCK_M - 1, (n - 1) // S) // BLOCK_N + 1
+            k0 = gl.load(koff_ptr + r)  # the request's first row in the TMA keys; -1: none
+            q_whole = TMA & (k0 >= 0) & (a0 * S >= ctx) & ((a0 + BLOCK_M) * S <= n)
+            q_tok = q_start - ctx + a0 * S + (S - 1)  # token of Q_0's first row
             # Row pointers of Q[a*S + S-1] (t = 0); Q_t rows are t tokens earlier.
             # (16-byte aligned rows: the wrapper checks the strides; cp.async needs the hint)
             q_rows = gl.multiple_of(q_ptr + h.to(gl.int64) * s_qh
@@ -90,20 +103,36 @@ def _loader(q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_p
                 kpos0 = (kt * BLOCK_N + offs_n) * S  # a super-column lies in one page
                 page = gl.load(bt_row + kpos0 // PAGE, mask=kpos0 < n, other=0)
                 k_cols = gl.multiple_of(k_base + page.to(gl.int64) * s_kp + (kpos0 % PAGE) * s_kn, 16)
+                whole = q_whole & ((kt * BLOCK_N + BLOCK_N) * S <= n)
+                k_tok = k0 + kt * BLOCK_N * S
                 for i in range(S * ND):
                     tt = i // ND
                     d = (i % ND) * BLOCK_D + offs_d
                     s = it % NUM_STAGES
                     mbarrier.wait(empty.index(s), ((it // NUM_STAGES) & 1) ^ 1)
-                    qpos = rows * S + (S - 1 - tt)
-                    qmask = (qpos >= ctx) & (qpos < n)  # context rows and the tail are zeros
-                    async_copy.async_copy_global_to_shared(
-                        q_ring.index(s), q_rows[:, None] - tt * s_qt + d[None, :], mask=qmask[:, None])
-                    async_copy.async_copy_global_to_shared(
-                        k_ring.index(s), k_cols[:, None] + tt * s_kn + d[None, :],
-                        mask=(kpos0 + tt < n)[:, None])
-                    # every loader thread arrives once its own copies have landed (init count)
-                    async_copy.mbarrier_arrive(ready.index(s), increment_count=False)
+                    if whole:
+                        # Q_t's rows are tokens q_tok - t + i*S: row (tok // S) + i of the query
+                        # seen as rows of S tokens, at column (tok % S) * token stride; K_t's
+                        # likewise in the TMA keys.
+                        dc = (i % ND) * BLOCK_D
+                        tok = q_tok - tt
+                        mbarrier.expect(ready.index(s), (BLOCK_M + BLOCK_N) * BLOCK_D * q_ring.dtype.primitive_bitwidth // 8)
+                        tma.async_copy_global_to_shared(q_desc, [tok // S, (tok % S) * s_qt + h * s_qh + dc],
+                                                        ready.index(s), q_ring.index(s))
+                        tma.async_copy_global_to_shared(
+                            k_desc, [(k_tok + tt) // S, ((k_tok + tt) % S) * s_ct + (h // group) * s_ch + dc],
+                            ready.index(s), k_ring.index(s))
+                        mbarrier.arrive(ready.index(s), count=4 * 32 - 1)  # the expect arrived once
+                    else:
+                        qpos = rows * S + (S - 1 - tt)
+                        qmask = (qpos >= ctx) & (qpos < n)  # context rows and the tail are zeros
+                        async_copy.async_copy_global_to_shared(
+                            q_ring.index(s), q_rows[:, None] - tt * s_qt + d[None, :], mask=qmask[:, None])
+                        async_copy.async_copy_global_to_shared(
+                            k_ring.index(s), k_cols[:, None] + tt * s_kn + d[None, :],
+                            mask=(kpos0 + tt < n)[:, None])
+                        # every loader thread arrives once its own copies have landed (init count)
+                        async_copy.mbarrier_arrive(ready.index(s), increment_count=False)
                     it += 1
     # Stay until the compute partition has released every stage: the last copies are in
     # flight when the end is published, and they must land before these warps exit.
@@ -230,10 +259,11 @@ def _compute(q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_
 @gluon.jit
 def _score_ws_kernel(q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_ptr, queue_ptr,
                      n_work, num_q_heads, group, s_qt, s_qh, s_kp, s_kh, s_kn, s_bt, s_ah, s_ar, max_kt, qk_scale,
+                     q_desc, k_desc, koff_ptr, s_ct, s_ch,
                      S: gl.constexpr, D: gl.constexpr, B: gl.constexpr, PAGE: gl.constexpr,
                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
                      LOADER_REGS: gl.constexpr, EPILOGUE: gl.constexpr, PINGPONG: gl.constexpr,
-                     COMPUTE_REGS: gl.constexpr, LAG: gl.constexpr):
+                     COMPUTE_REGS: gl.constexpr, LAG: gl.constexpr, TMA: gl.constexpr):
     dtype: gl.constexpr = q_ptr.dtype.element_ty
     q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_D], dtype)
     k_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_D], dtype)
@@ -270,7 +300,7 @@ def _score_ws_kernel(q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_p
             (_loader, (q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_ptr, queue_ptr,
                        n_work, num_q_heads, group, s_qt, s_qh, s_kp, s_kh, s_kn, s_bt, s_ah, s_ar, max_kt,
                        qk_scale, q_ring, k_ring, ready, empty, wq_smem, wq_ready, wq_empty,
-                       S, D, B, PAGE, BLOCK_M, BLOCK_N, NUM_STAGES)),
+                       q_desc, k_desc, koff_ptr, s_ct, s_ch, S, D, B, PAGE, BLOCK_M, BLOCK_N, NUM_STAGES, TMA)),
         ], [4, 4], [COMPUTE_REGS, LOADER_REGS])
     else:
         # (the argument tuples are written out: a tuple held in a variable turns the constexprs
@@ -283,7 +313,7 @@ def _score_ws_kernel(q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_p
             (_loader, (q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_ptr, queue_ptr,
                        n_work, num_q_heads, group, s_qt, s_qh, s_kp, s_kh, s_kn, s_bt, s_ah, s_ar, max_kt,
                        qk_scale, q_ring, k_ring, ready, empty, wq_smem, wq_ready, wq_empty,
-                       S, D, B, PAGE, BLOCK_M, BLOCK_N, NUM_STAGES)),
+                       q_desc, k_desc, koff_ptr, s_ct, s_ch, S, D, B, PAGE, BLOCK_M, BLOCK_N, NUM_STAGES, TMA)),
         ], [4], [LOADER_REGS])
 
 
@@ -291,12 +321,14 @@ def antidiagonal_scores_paged_ws(
     q: Tensor, kv_cache: Tensor, block_table: Tensor, plan: XAttnPlan, *,
     num_programs: int | None = None, out: Tensor | None = None, workspace: Tensor | None = None,
     num_stages: int = 4, loader_regs: int = 112, epilogue: bool = True,
-    pingpong: bool = False, compute_regs: int = 200, lag: int = 2,
+    pingpong: bool = False, compute_regs: int = 200, lag: int = 2, keys: Tensor | None = None,
+    tma: bool = False,
 ) -> Tensor:
     """``antidiagonal_scores_paged`` through the warp-specialised kernel (same contract).
     ``pingpong``: two 64-row compute warpgroups, each on its own, the second ``lag`` chunks
     behind the first (0: no stagger; below ``num_stages``, since the loader refills a stage only
-    once both have read it)."""
+    once both have read it). ``tma``: whole tiles through TMA as the Triton kernel reads them
+    (``keys``: the layer's own keys, see ``antidiagonal_scores_paged``)."""
     check_scoring_inputs(q, kv_cache, block_table, plan)
     _, hq, d = q.shape
     hkv = kv_cache.shape[1]
@@ -316,33 +348,61 @@ def antidiagonal_scores_paged_ws(
     n_work = plan.num_tiles * hq
     nprog = num_programs or max(1, min(n_work, scoring_programs(q.device)))
     out, scr_p, scr_m, queue = scoring_buffers(plan, hq, nprog, q.device, out, workspace)
+    source = tma_key_source(q, kv_cache, plan, keys, tma) if tma else None
+    if source == "direct":
+        tma_keys, key_offset = keys, plan.direct_key_offset
+    elif source == "copy":
+        tma_keys, key_offset = copy_keys(kv_cache, block_table, plan).view(-1, hkv, d), plan.key_offset
+    else:
+        tma_keys, key_offset = q, plan.key_offset  # unused
+    q_desc, k_desc = row_descriptors(q, tma_keys, S, plan.block_m, plan.block_n)
     _score_ws_kernel[(nprog,)](
         q, kv_cache, block_table, out, scr_p, scr_m, plan.tiles, plan.req_meta, queue,
         n_work, hq, hq // hkv, q.stride(0), q.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), block_table.stride(0),
         out.stride(0), out.stride(1), plan.max_key_tiles, scoring_qk_scale(d, S),
+        q_desc, k_desc, key_offset, tma_keys.stride(0), tma_keys.stride(1),
         S=S, D=d, B=B, PAGE=page, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
         NUM_STAGES=num_stages, LOADER_REGS=loader_regs, EPILOGUE=epilogue, PINGPONG=pingpong,
-        COMPUTE_REGS=compute_regs, LAG=lag, num_warps=4 if pingpong else 8,
+        COMPUTE_REGS=compute_regs, LAG=lag, TMA=source is not None, num_warps=4 if pingpong else 8,
     )
     return out
 
 
+def row_descriptors(q: Tensor, keys: Tensor, stride: int, block_m: int, block_n: int):
+    """Host TMA descriptors of the query and the keys seen as 2-D rows of ``stride`` tokens
+    (box [block rows, 64 columns]), as the Triton kernel makes them on the device."""
+    dt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+
+    def rows_of(x: Tensor, block_rows: int) -> TensorDescriptor:
+        layout = gl.NVMMASharedLayout.get_default_for([block_rows, _BLOCK_D], dt)
+        return TensorDescriptor(x, [-(-x.shape[0] // stride), stride * x.stride(0)], [stride * x.stride(0), 1],
+                                [block_rows, _BLOCK_D], layout)
+
+    return rows_of(q, block_m), rows_of(keys, block_n)
+
+
 def compile_report(stride: int, head_dim: int, *, block_size: int = 128, page: int = 16, block_n: int = 256,
                    num_stages: int = 4, loader_regs: int = 112, pingpong: bool = False,
-                   compute_regs: int = 200, lag: int = 2) -> dict:
+                   compute_regs: int = 200, lag: int = 2, tma: bool = False) -> dict:
     """Compile the kernel for sm_90a without a GPU (Triton's own ptxas) and report what ptxas
     says. Gluon must be imported without TRITON_INTERPRET (its reductions are jit functions)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
 
     from sass_loop import sm90_signature
 
     consts = dict(S=stride, D=head_dim, B=block_size, PAGE=page, BLOCK_M=128, BLOCK_N=block_n,
                   NUM_STAGES=num_stages, LOADER_REGS=loader_regs, EPILOGUE=True, PINGPONG=pingpong,
-                  COMPUTE_REGS=compute_regs, LAG=lag)
-    sig, attrs = sm90_signature(_score_ws_kernel, consts)
+                  COMPUTE_REGS=compute_regs, LAG=lag, TMA=tma)
+    # the descriptors' types, from host descriptors of a Llama-shaped query and fused-qkv keys
+    q = torch.empty(4096, 32, head_dim, dtype=torch.bfloat16)
+    keys = torch.empty(4096, 48, head_dim, dtype=torch.bfloat16)[:, 32:40]
+    descs = row_descriptors(q, keys, stride, 128, block_n)
+    sig, attrs = sm90_signature(_score_ws_kernel, consts, types={
+        "q_desc": mangle_type(descs[0]), "k_desc": mangle_type(descs[1]), "koff_ptr": "*i32"})
     k = triton.compile(GluonASTSource(fn=_score_ws_kernel, signature=sig, constexprs=consts, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4 if pingpong else 8))
     with tempfile.TemporaryDirectory() as tmp:
@@ -367,6 +427,7 @@ if __name__ == "__main__":
     ap.add_argument("--pingpong", action="store_true", help="two 64-row compute warpgroups, staggered")
     ap.add_argument("--compute-regs", type=int, default=200, help="registers of the second compute warpgroup")
     ap.add_argument("--lag", type=int, default=2)
+    ap.add_argument("--tma", action="store_true", help="whole tiles through TMA")
     a = ap.parse_args()
     print(json.dumps(compile_report(*a.compile, block_size=a.block_size, page=a.page, block_n=a.block_n,
-                                    pingpong=a.pingpong, compute_regs=a.compute_regs, lag=a.lag)))
+                                    pingpong=a.pingpong, compute_regs=a.compute_regs, lag=a.lag, tma=a.tma)))
