@@ -45,7 +45,8 @@ temporary module (so the product kernel carries no diagnostic switches):
   ``ws-pingpong lag L``: the same with each compute warpgroup on its own 64 rows, the second
   L chunks behind the first, so one's softmax can run under the other's MMAs (FA3's ping-pong).
   ``ws-prototype tma`` / ``ws-pingpong tma``: whole tiles loaded through TMA as the Triton
-  kernel's (with ``--serving``, from the layer's own keys).
+  kernel's (with ``--serving``, from the layer's own keys); ``ws-pingpong tma dC lag L``: with
+  C-column load stages (4 of 64, 8 of 32) and the second warpgroup L stages behind.
 - (``exp2-poly-Kof8``: K of each 8 of a thread's softmax exp2 on the FMA pipe by a degree-5
   polynomial, FlashAttention-4's trick, was here at 5afb230 with the kernel's ``exp2_poly``: no
   faster for K = 1-3, ``scoring_probe18_h100.json``.)
@@ -286,6 +287,13 @@ def main():
                 q, kv, bt, plan, pingpong=True, lag=0, keys=keys, tma=True, epilogue=False)
             cases["ws-prototype tma, no epilogue"] = lambda: antidiagonal_scores_paged_ws(
                 q, kv, bt, plan, keys=keys, tma=True, epilogue=False)
+            # the ping-pong staggered: 64-column stages (4), or 32-column stages (8) for longer lags
+            for bd, stages, lags in ((64, 4, (1, 2, 3)), (32, 8, (0, 2, 4, 6))):
+                for lag in lags:
+                    cases[f"ws-pingpong tma d{bd} lag {lag}"] = (
+                        lambda bd=bd, stages=stages, lag=lag: antidiagonal_scores_paged_ws(
+                            q, kv, bt, plan, pingpong=True, lag=lag, keys=keys, tma=True, block_d=bd,
+                            num_stages=stages))
             plan64 = plan_prefill(cu_q, sl, block_size=128, stride=S, block_m=64).to("cuda")
             cases["head-major-q, block_m 64"] = lambda: scoring.antidiagonal_scores_paged(q_hm, kv, bt, plan64)
             cases["masked loads only"] = lambda: scoring.antidiagonal_scores_paged(q, kv, bt, plan, tma=False)
@@ -296,7 +304,8 @@ def main():
                 cases[SELECTION] = lambda: lists(*select(want))
             for name in ("head-major-q", "baseline", "ws-prototype", "heads-outer", "no-load-masks",
                          "masked loads only", "flat-tma", "half-last-tile",
-                         *(f"ws-pingpong lag {lag}" for lag in (0, 1, 2, 3)), "ws-prototype tma", "ws-pingpong tma"):
+                         *(f"ws-pingpong lag {lag}" for lag in (0, 1, 2, 3)), "ws-prototype tma", "ws-pingpong tma",
+                         *(k for k in cases if k.startswith("ws-pingpong tma d"))):
                 if name in cases and (not args.only or name in args.only):
                     assert torch.allclose(cases[name](), want, rtol=1e-4, atol=1e-6), name
             cases = {k: f for k, f in cases.items() if not args.only or k in args.only or k == SELECTION}

@@ -45,8 +45,7 @@ from vllm_xattn.kernels.scoring import (
 )
 
 Tensor = torch.Tensor
-_BLOCK_D = 64  # one stage: Q [BLOCK_M, 64] + K [BLOCK_N, 64], 48 KB at 128 x 256 (bf16)
-BLOCK_D = gl.constexpr(_BLOCK_D)
+_BLOCK_D = 64  # default chunk: one stage Q [BLOCK_M, 64] + K [BLOCK_N, 64], 48 KB at 128 x 256 (bf16)
 QUEUE = gl.constexpr(2)  # work items in flight between the partitions
 
 
@@ -56,7 +55,8 @@ def _loader(q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_p
             q_ring, k_ring, ready, empty, wq_smem, wq_ready, wq_empty,
             q_desc, k_desc, koff_ptr, s_ct, s_ch,
             S: gl.constexpr, D: gl.constexpr, B: gl.constexpr, PAGE: gl.constexpr,
-            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, TMA: gl.constexpr):
+            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, BLOCK_D: gl.constexpr,
+            TMA: gl.constexpr):
     # TMA: whole tiles (every row's S tokens inside the request, every key below N) read the
     # query and the keys (``k_desc``: the layer's own keys or a contiguous copy, as the Triton
     # kernel's TMA path) as boxes of rows S tokens apart; the tiles at a request's edges keep the
@@ -64,8 +64,8 @@ def _loader(q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_p
     # completes after 4 x 32 arrivals (and, for TMA, the bytes).
     NW: gl.constexpr = gl.num_warps()
     ND: gl.constexpr = D // BLOCK_D
-    # 16-byte vectors along the head dim: 8 lanes cover one 64-element row chunk
-    ld_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NW, 1], [1, 0])
+    # 16-byte vectors along the head dim: BLOCK_D / 8 lanes cover one row chunk
+    ld_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BLOCK_D // 8), BLOCK_D // 8], [NW, 1], [1, 0])
     one_l: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
     offs_m = gl.arange(0, BLOCK_M, gl.SliceLayout(1, ld_l))
     offs_n = gl.arange(0, BLOCK_N, gl.SliceLayout(1, ld_l))
@@ -145,7 +145,8 @@ def _compute(q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_
              n_work, num_q_heads, group, s_qt, s_qh, s_kp, s_kh, s_kn, s_bt, s_ah, s_ar, max_kt, qk_scale,
              q_ring, k_ring, ready, empty, wq_smem, wq_ready, wq_empty, go,
              S: gl.constexpr, D: gl.constexpr, B: gl.constexpr, PAGE: gl.constexpr,
-             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, EPILOGUE: gl.constexpr,
+             BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, BLOCK_D: gl.constexpr,
+             EPILOGUE: gl.constexpr,
              ROW0: gl.constexpr, ROWS: gl.constexpr, GO: gl.constexpr, LAG: gl.constexpr):
     # Rows [ROW0, ROW0 + ROWS) of each work tile: all 128 in one 8-warp partition, or 64 in each
     # of two 4-warp partitions (ping-pong). GO 1: arrive on ``go`` after LAG chunks; GO 2: wait
@@ -261,7 +262,7 @@ def _score_ws_kernel(q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_p
                      n_work, num_q_heads, group, s_qt, s_qh, s_kp, s_kh, s_kn, s_bt, s_ah, s_ar, max_kt, qk_scale,
                      q_desc, k_desc, koff_ptr, s_ct, s_ch,
                      S: gl.constexpr, D: gl.constexpr, B: gl.constexpr, PAGE: gl.constexpr,
-                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, BLOCK_D: gl.constexpr,
                      LOADER_REGS: gl.constexpr, EPILOGUE: gl.constexpr, PINGPONG: gl.constexpr,
                      COMPUTE_REGS: gl.constexpr, LAG: gl.constexpr, TMA: gl.constexpr):
     dtype: gl.constexpr = q_ptr.dtype.element_ty
@@ -290,17 +291,17 @@ def _score_ws_kernel(q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_p
             (_compute, (q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_ptr, queue_ptr,
                         n_work, num_q_heads, group, s_qt, s_qh, s_kp, s_kh, s_kn, s_bt, s_ah, s_ar, max_kt,
                         qk_scale, q_ring, k_ring, ready, empty, wq_smem, wq_ready, wq_empty, go,
-                        S, D, B, PAGE, BLOCK_M, BLOCK_N, NUM_STAGES, EPILOGUE, 0, BLOCK_M // 2,
+                        S, D, B, PAGE, BLOCK_M, BLOCK_N, NUM_STAGES, BLOCK_D, EPILOGUE, 0, BLOCK_M // 2,
                         1 if LAG > 0 else 0, LAG)),
             (_compute, (q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_ptr, queue_ptr,
                         n_work, num_q_heads, group, s_qt, s_qh, s_kp, s_kh, s_kn, s_bt, s_ah, s_ar, max_kt,
                         qk_scale, q_ring, k_ring, ready, empty, wq_smem, wq_ready, wq_empty, go,
-                        S, D, B, PAGE, BLOCK_M, BLOCK_N, NUM_STAGES, EPILOGUE, BLOCK_M // 2, BLOCK_M // 2,
+                        S, D, B, PAGE, BLOCK_M, BLOCK_N, NUM_STAGES, BLOCK_D, EPILOGUE, BLOCK_M // 2, BLOCK_M // 2,
                         2 if LAG > 0 else 0, LAG)),
             (_loader, (q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_ptr, queue_ptr,
                        n_work, num_q_heads, group, s_qt, s_qh, s_kp, s_kh, s_kn, s_bt, s_ah, s_ar, max_kt,
                        qk_scale, q_ring, k_ring, ready, empty, wq_smem, wq_ready, wq_empty,
-                       q_desc, k_desc, koff_ptr, s_ct, s_ch, S, D, B, PAGE, BLOCK_M, BLOCK_N, NUM_STAGES, TMA)),
+                       q_desc, k_desc, koff_ptr, s_ct, s_ch, S, D, B, PAGE, BLOCK_M, BLOCK_N, NUM_STAGES, BLOCK_D, TMA)),
         ], [4, 4], [COMPUTE_REGS, LOADER_REGS])
     else:
         # (the argument tuples are written out: a tuple held in a variable turns the constexprs
@@ -309,11 +310,11 @@ def _score_ws_kernel(q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_p
             (_compute, (q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_ptr, queue_ptr,
                         n_work, num_q_heads, group, s_qt, s_qh, s_kp, s_kh, s_kn, s_bt, s_ah, s_ar, max_kt,
                         qk_scale, q_ring, k_ring, ready, empty, wq_smem, wq_ready, wq_empty, go,
-                        S, D, B, PAGE, BLOCK_M, BLOCK_N, NUM_STAGES, EPILOGUE, 0, BLOCK_M, 0, 0)),
+                        S, D, B, PAGE, BLOCK_M, BLOCK_N, NUM_STAGES, BLOCK_D, EPILOGUE, 0, BLOCK_M, 0, 0)),
             (_loader, (q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_ptr, queue_ptr,
                        n_work, num_q_heads, group, s_qt, s_qh, s_kp, s_kh, s_kn, s_bt, s_ah, s_ar, max_kt,
                        qk_scale, q_ring, k_ring, ready, empty, wq_smem, wq_ready, wq_empty,
-                       q_desc, k_desc, koff_ptr, s_ct, s_ch, S, D, B, PAGE, BLOCK_M, BLOCK_N, NUM_STAGES, TMA)),
+                       q_desc, k_desc, koff_ptr, s_ct, s_ch, S, D, B, PAGE, BLOCK_M, BLOCK_N, NUM_STAGES, BLOCK_D, TMA)),
         ], [4], [LOADER_REGS])
 
 
@@ -322,7 +323,7 @@ def antidiagonal_scores_paged_ws(
     num_programs: int | None = None, out: Tensor | None = None, workspace: Tensor | None = None,
     num_stages: int = 4, loader_regs: int = 112, epilogue: bool = True,
     pingpong: bool = False, compute_regs: int = 200, lag: int = 2, keys: Tensor | None = None,
-    tma: bool = False,
+    tma: bool = False, block_d: int = _BLOCK_D,
 ) -> Tensor:
     """``antidiagonal_scores_paged`` through the warp-specialised kernel (same contract).
     ``pingpong``: two 64-row compute warpgroups, each on its own, the second ``lag`` chunks
@@ -335,8 +336,8 @@ def antidiagonal_scores_paged_ws(
     B, S, page = plan.block_size, plan.stride, kv_cache.shape[2]
     if q.dtype not in (torch.bfloat16, torch.float16) or kv_cache.dtype != q.dtype:
         raise ValueError(f"bf16 / fp16 only, got {q.dtype} / {kv_cache.dtype}")
-    if d % _BLOCK_D or q.stride(2) != 1 or kv_cache.stride(3) != 1 or page % S:
-        raise ValueError(f"needs head_dim % {_BLOCK_D} == 0, a contiguous head dim and page % stride == 0")
+    if block_d not in (32, 64) or d % block_d or q.stride(2) != 1 or kv_cache.stride(3) != 1 or page % S:
+        raise ValueError("needs block_d 32 or 64 dividing head_dim, a contiguous head dim and page % stride == 0")
     # cp.async moves 16-byte vectors: every row the kernel reads starts 16-byte aligned
     strides = (q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2))
     if any(x % 8 for x in strides) or q.data_ptr() % 16 or kv_cache.data_ptr() % 16:
@@ -355,7 +356,7 @@ def antidiagonal_scores_paged_ws(
         tma_keys, key_offset = copy_keys(kv_cache, block_table, plan).view(-1, hkv, d), plan.key_offset
     else:
         tma_keys, key_offset = q, plan.key_offset  # unused
-    q_desc, k_desc = row_descriptors(q, tma_keys, S, plan.block_m, plan.block_n)
+    q_desc, k_desc = row_descriptors(q, tma_keys, S, plan.block_m, plan.block_n, block_d)
     _score_ws_kernel[(nprog,)](
         q, kv_cache, block_table, out, scr_p, scr_m, plan.tiles, plan.req_meta, queue,
         n_work, hq, hq // hkv, q.stride(0), q.stride(1),
@@ -363,28 +364,28 @@ def antidiagonal_scores_paged_ws(
         out.stride(0), out.stride(1), plan.max_key_tiles, scoring_qk_scale(d, S),
         q_desc, k_desc, key_offset, tma_keys.stride(0), tma_keys.stride(1),
         S=S, D=d, B=B, PAGE=page, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
-        NUM_STAGES=num_stages, LOADER_REGS=loader_regs, EPILOGUE=epilogue, PINGPONG=pingpong,
+        NUM_STAGES=num_stages, BLOCK_D=block_d, LOADER_REGS=loader_regs, EPILOGUE=epilogue, PINGPONG=pingpong,
         COMPUTE_REGS=compute_regs, LAG=lag, TMA=source is not None, num_warps=4 if pingpong else 8,
     )
     return out
 
 
-def row_descriptors(q: Tensor, keys: Tensor, stride: int, block_m: int, block_n: int):
+def row_descriptors(q: Tensor, keys: Tensor, stride: int, block_m: int, block_n: int, block_d: int = _BLOCK_D):
     """Host TMA descriptors of the query and the keys seen as 2-D rows of ``stride`` tokens
-    (box [block rows, 64 columns]), as the Triton kernel makes them on the device."""
+    (box [block rows, block_d columns]), as the Triton kernel makes them on the device."""
     dt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
 
     def rows_of(x: Tensor, block_rows: int) -> TensorDescriptor:
-        layout = gl.NVMMASharedLayout.get_default_for([block_rows, _BLOCK_D], dt)
+        layout = gl.NVMMASharedLayout.get_default_for([block_rows, block_d], dt)
         return TensorDescriptor(x, [-(-x.shape[0] // stride), stride * x.stride(0)], [stride * x.stride(0), 1],
-                                [block_rows, _BLOCK_D], layout)
+                                [block_rows, block_d], layout)
 
     return rows_of(q, block_m), rows_of(keys, block_n)
 
 
 def compile_report(stride: int, head_dim: int, *, block_size: int = 128, page: int = 16, block_n: int = 256,
                    num_stages: int = 4, loader_regs: int = 112, pingpong: bool = False,
-                   compute_regs: int = 200, lag: int = 2, tma: bool = False) -> dict:
+                   compute_regs: int = 200, lag: int = 2, tma: bool = False, block_d: int = _BLOCK_D) -> dict:
     """Compile the kernel for sm_90a without a GPU (Triton's own ptxas) and report what ptxas
     says. Gluon must be imported without TRITON_INTERPRET (its reductions are jit functions)."""
     import triton
@@ -395,12 +396,13 @@ def compile_report(stride: int, head_dim: int, *, block_size: int = 128, page: i
     from sass_loop import sm90_signature
 
     consts = dict(S=stride, D=head_dim, B=block_size, PAGE=page, BLOCK_M=128, BLOCK_N=block_n,
-                  NUM_STAGES=num_stages, LOADER_REGS=loader_regs, EPILOGUE=True, PINGPONG=pingpong,
+                  NUM_STAGES=num_stages, BLOCK_D=block_d, LOADER_REGS=loader_regs, EPILOGUE=True,
+                  PINGPONG=pingpong,
                   COMPUTE_REGS=compute_regs, LAG=lag, TMA=tma)
     # the descriptors' types, from host descriptors of a Llama-shaped query and fused-qkv keys
     q = torch.empty(4096, 32, head_dim, dtype=torch.bfloat16)
     keys = torch.empty(4096, 48, head_dim, dtype=torch.bfloat16)[:, 32:40]
-    descs = row_descriptors(q, keys, stride, 128, block_n)
+    descs = row_descriptors(q, keys, stride, 128, block_n, block_d)
     sig, attrs = sm90_signature(_score_ws_kernel, consts, types={
         "q_desc": mangle_type(descs[0]), "k_desc": mangle_type(descs[1]), "koff_ptr": "*i32"})
     k = triton.compile(GluonASTSource(fn=_score_ws_kernel, signature=sig, constexprs=consts, attrs=attrs),
@@ -428,6 +430,9 @@ if __name__ == "__main__":
     ap.add_argument("--compute-regs", type=int, default=200, help="registers of the second compute warpgroup")
     ap.add_argument("--lag", type=int, default=2)
     ap.add_argument("--tma", action="store_true", help="whole tiles through TMA")
+    ap.add_argument("--block-d", type=int, default=_BLOCK_D, help="head-dim columns per load stage (32 or 64)")
+    ap.add_argument("--stages", type=int, default=4)
     a = ap.parse_args()
     print(json.dumps(compile_report(*a.compile, block_size=a.block_size, page=a.page, block_n=a.block_n,
-                                    pingpong=a.pingpong, compute_regs=a.compute_regs, lag=a.lag, tma=a.tma)))
+                                    num_stages=a.stages, pingpong=a.pingpong, compute_regs=a.compute_regs,
+                                    lag=a.lag, tma=a.tma, block_d=a.block_d)))

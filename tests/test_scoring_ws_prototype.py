@@ -21,6 +21,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "scoring_ws_prototype
     (8, 128, []), (16, 128, []), (8, 64, []),
     (4, 64, ["--block-size", "64", "--page", "32", "--block-n", "128"]),
     (8, 128, ["--pingpong"]), (16, 128, ["--pingpong"]), (8, 128, ["--tma"]), (8, 128, ["--pingpong", "--tma"]),
+    (8, 128, ["--pingpong", "--tma", "--block-d", "32", "--stages", "8"]),
 ])
 def test_compiles_for_sm90a_without_spills(stride, head_dim, extra):
     # in a fresh process without TRITON_INTERPRET: Gluon does not compile under the interpreter
@@ -51,8 +52,9 @@ WS_CASES = {  # (reqs [(Tq, N)], Hq, Hkv, D, B, S, page, block_m, block_n), as i
                     reason="needs a Hopper GPU")
 @pytest.mark.parametrize("case", list(WS_CASES))
 @pytest.mark.parametrize("mode", [{}, {"pingpong": True, "lag": 0}, {"pingpong": True, "lag": 2},
-                                  {"pingpong": True, "lag": 3}, {"tma": True}, {"pingpong": True, "lag": 0, "tma": True}],
-                         ids=["one-compute", "pp-lag0", "pp-lag2", "pp-lag3", "tma", "pp-lag0-tma"])
+                                  {"pingpong": True, "lag": 3}, {"tma": True}, {"pingpong": True, "lag": 0, "tma": True},
+                                  {"pingpong": True, "lag": 6, "tma": True, "block_d": 32, "num_stages": 8}],
+                         ids=["one-compute", "pp-lag0", "pp-lag2", "pp-lag3", "tma", "pp-lag0-tma", "pp-lag6-tma-d32"])
 def test_scores_equal_the_triton_kernel(case, mode):
     import scoring_ws_prototype as ws
 
