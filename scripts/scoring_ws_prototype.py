@@ -10,15 +10,20 @@ warpgroups) only waits, issues async wgmma and runs the softmax epilogue and the
 Probe 6/7 (README, "Where scoring's time goes") found no cheaper way to hide the loads and the
 epilogue in plain Triton.
 
-Status: right on the H100 (``tests/test_scoring_ws_prototype.py``'s gpu test; it also
-compiles for sm_90a without a GPU: ``python scripts/scoring_ws_prototype.py --compile``) but no
-faster than the Triton kernel: level to 5 % faster at S=8, 12-17 % slower at S=16
-(``benchmarks/results/scoring_probe{9,10}_h100.json``). With ``epilogue=False`` (scores wrong;
-timing only) it shows the MMA feed alone runs at ~440 TF/s, so the softmax is not what limits
-scoring (README, "Where scoring's time goes"). It stays a diagnostic script.
+Two options (2026-11-24): ``pingpong`` splits the compute partition into two 4-warp
+partitions, each owning 64 rows of the tile and its own softmax, reading the same ring stages
+(FA3's ping-pong without its explicit MMA ordering; ``lag`` starts the second that many stages
+behind); ``tma`` loads whole tiles through TMA as the Triton kernel does (edge tiles keep the
+cp.async gathers).
 
-Limits (the wrapper checks them): bf16 / fp16 inputs, head dim a multiple of 64 (the
-Llama and Qwen layers: 128 and 64), contiguous head dim in q and the cache, 16-byte aligned
+Status: right on the H100 in every mode (``tests/test_scoring_ws_prototype.py``'s gpu tests;
+each mode also compiles for sm_90a without a GPU: ``python scripts/scoring_ws_prototype.py
+--compile 8 128 --pingpong --tma``). Timed next to the Triton kernel (README, "FA3's ping-pong
+in Gluon"): with cp.async loads it is slower everywhere; ``pingpong`` + ``tma`` is 2-4 %
+faster at S=8 and 5-10 % slower at S=16, so the backend keeps the Triton kernel.
+
+Limits (the wrapper checks them): bf16 / fp16 inputs, head dim a multiple of ``block_d`` (32
+or 64; the Llama and Qwen layers: 128 and 64), contiguous head dim in q and the cache, 16-byte aligned
 rows, PAGE % S == 0, 128-row work tiles (the default) and key tiles of at most 256.
 """
 from __future__ import annotations
