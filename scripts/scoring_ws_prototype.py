@@ -121,7 +121,8 @@ def _loader(q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_p
                         # likewise in the TMA keys.
                         dc = (i % ND) * BLOCK_D
                         tok = q_tok - tt
-                        mbarrier.expect(ready.index(s), (BLOCK_M + BLOCK_N) * BLOCK_D * q_ring.dtype.primitive_bitwidth // 8)
+                        mbarrier.expect(ready.index(s),
+                                        (BLOCK_M + BLOCK_N) * BLOCK_D * q_ring.dtype.primitive_bitwidth // 8)
                         tma.async_copy_global_to_shared(q_desc, [tok // S, (tok % S) * s_qt + h * s_qh + dc],
                                                         ready.index(s), q_ring.index(s))
                         tma.async_copy_global_to_shared(
@@ -306,7 +307,8 @@ def _score_ws_kernel(q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_p
             (_loader, (q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_ptr, queue_ptr,
                        n_work, num_q_heads, group, s_qt, s_qh, s_kp, s_kh, s_kn, s_bt, s_ah, s_ar, max_kt,
                        qk_scale, q_ring, k_ring, ready, empty, wq_smem, wq_ready, wq_empty,
-                       q_desc, k_desc, koff_ptr, s_ct, s_ch, S, D, B, PAGE, BLOCK_M, BLOCK_N, NUM_STAGES, BLOCK_D, TMA)),
+                       q_desc, k_desc, koff_ptr, s_ct, s_ch,
+                       S, D, B, PAGE, BLOCK_M, BLOCK_N, NUM_STAGES, BLOCK_D, TMA)),
         ], [4, 4], [COMPUTE_REGS, LOADER_REGS])
     else:
         # (the argument tuples are written out: a tuple held in a variable turns the constexprs
@@ -319,7 +321,8 @@ def _score_ws_kernel(q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_p
             (_loader, (q_ptr, kv_ptr, bt_ptr, a_ptr, scr_p_ptr, scr_m_ptr, tiles_ptr, req_ptr, queue_ptr,
                        n_work, num_q_heads, group, s_qt, s_qh, s_kp, s_kh, s_kn, s_bt, s_ah, s_ar, max_kt,
                        qk_scale, q_ring, k_ring, ready, empty, wq_smem, wq_ready, wq_empty,
-                       q_desc, k_desc, koff_ptr, s_ct, s_ch, S, D, B, PAGE, BLOCK_M, BLOCK_N, NUM_STAGES, BLOCK_D, TMA)),
+                       q_desc, k_desc, koff_ptr, s_ct, s_ch,
+                       S, D, B, PAGE, BLOCK_M, BLOCK_N, NUM_STAGES, BLOCK_D, TMA)),
         ], [4], [LOADER_REGS])
 
 

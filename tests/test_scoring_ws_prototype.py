@@ -47,14 +47,19 @@ WS_CASES = {  # (reqs [(Tq, N)], Hq, Hkv, D, B, S, page, block_m, block_n), as i
 }
 
 
+MODES = {  # antidiagonal_scores_paged_ws options
+    "one-compute": {}, "pp-lag0": {"pingpong": True, "lag": 0}, "pp-lag2": {"pingpong": True, "lag": 2},
+    "pp-lag3": {"pingpong": True, "lag": 3}, "tma": {"tma": True},
+    "pp-lag0-tma": {"pingpong": True, "lag": 0, "tma": True},
+    "pp-lag6-tma-d32": {"pingpong": True, "lag": 6, "tma": True, "block_d": 32, "num_stages": 8},
+}
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
                     reason="needs a Hopper GPU")
 @pytest.mark.parametrize("case", list(WS_CASES))
-@pytest.mark.parametrize("mode", [{}, {"pingpong": True, "lag": 0}, {"pingpong": True, "lag": 2},
-                                  {"pingpong": True, "lag": 3}, {"tma": True}, {"pingpong": True, "lag": 0, "tma": True},
-                                  {"pingpong": True, "lag": 6, "tma": True, "block_d": 32, "num_stages": 8}],
-                         ids=["one-compute", "pp-lag0", "pp-lag2", "pp-lag3", "tma", "pp-lag0-tma", "pp-lag6-tma-d32"])
+@pytest.mark.parametrize("mode", list(MODES))
 def test_scores_equal_the_triton_kernel(case, mode):
     import scoring_ws_prototype as ws
 
@@ -62,5 +67,5 @@ def test_scores_equal_the_triton_kernel(case, mode):
 
     p = make_problem(WS_CASES[case], "cuda", seed=1, dtype=torch.bfloat16)
     want = kernel_scores(p)
-    got = ws.antidiagonal_scores_paged_ws(p["q"].cuda(), p["kv"], p["bt"], p["plan"], **mode)
+    got = ws.antidiagonal_scores_paged_ws(p["q"].cuda(), p["kv"], p["bt"], p["plan"], **MODES[mode])
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
