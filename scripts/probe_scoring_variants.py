@@ -56,9 +56,10 @@ temporary module (so the product kernel carries no diagnostic switches):
 
 With ``--serving`` the plan and keys are serving's (a fresh prompt's whole tiles read the
 layer's own keys, no copy), and ``--with-selection`` also times selection + page lists on the
-kernel's scores in the same rounds: each record's ``ratio_with_selection`` is then what
-``bench_scoring.py`` measures for the kernel, and for ``no-epilogue`` the bound that hiding the
-softmax entirely (FA3's ping-pong at its best) could reach.
+kernel's scores in the same rounds: each record's ``ratio_with_selection`` adds them to the
+variant's time per round. It reads high: timed alone, the two short kernels are host-bound at
+32K (0.065 ms at S=8, against 0.03 ms they add inside ``bench_scoring.py``'s pipeline), so
+quote the pipeline's own figure and use this column to compare variants.
 
     python scripts/probe_scoring_variants.py --out benchmarks/results/scoring_probe_h100.json
 """

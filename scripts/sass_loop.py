@@ -128,7 +128,8 @@ def scoring_loop(stride: int, variant: str | None = None, head_dim: int = 128) -
                  types=types, shared=shared)
     loops = mma_loops(sass)
     names = ["whole tiles", "edge tiles"] if len(loops) == 2 else [None] * len(loops)
-    spills = dict(kernel_spill_stores=len(re.findall(r"\bSTL\b", sass)), kernel_spill_loads=len(re.findall(r"\bLDL\b", sass)))
+    spills = dict(kernel_spill_stores=len(re.findall(r"\bSTL\b", sass)),
+                  kernel_spill_loads=len(re.findall(r"\bLDL\b", sass)))
     return [dict(kernel=f"scoring{', ' + variant if variant else ''}{', ' + nm if nm else ''}", stride=stride,
                  shared_bytes=shared[0], **spills, **loop) for nm, loop in zip(names, loops)]
 
